@@ -1,0 +1,120 @@
+/** Human-readable output of runs: the `show` timeline and the `ls` table. */
+import { toDisplayJson } from '../../engine/codec.ts';
+import { errorSummary, type SerializedError } from '../../engine/errors.ts';
+import type { ResumePlan, RunSummary, RunView } from '../../engine/views.ts';
+
+const time = (ms: number | null) =>
+  ms === null ? '-' : new Date(ms).toISOString().replace('T', ' ').slice(0, 23);
+const duration = (ms: number | null) => {
+  if (ms === null) return '-';
+  if (ms < 1_000) return `${ms} ms`;
+  if (ms < 60_000) return `${(ms / 1000).toFixed(2)} s`;
+  return `${Math.floor(ms / 60_000)} min ${Math.round((ms % 60_000) / 1000)} s`;
+};
+
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) =>
+    cells
+      .map((c, i) => c.padEnd(widths[i]!))
+      .join('  ')
+      .trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+export function compact(value: unknown, max = 80): string {
+  const text = JSON.stringify(toDisplayJson(value)) ?? 'undefined';
+  return text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}
+
+export function formatRun(run: RunView): string {
+  const out: string[] = [];
+  out.push(`run       ${run.id}`);
+  out.push(`workflow  ${run.workflow} v${run.version}${run.module ? `  (${run.module})` : ''}`);
+  out.push(`status    ${run.status}${run.live ? ' (a live process holds it)' : ''}`);
+  out.push(
+    `started   ${time(run.createdAt)}${run.endedAt ? `   ended ${time(run.endedAt)} (${duration(run.endedAt - run.createdAt)})` : ''}`,
+  );
+  if (run.error) out.push(`error     ${errorLine(run.error)}`);
+  out.push('', 'steps');
+  out.push(
+    indent(
+      table(
+        ['#', 'step', 'status', 'attempts', 'duration', 'next', 'error'],
+        run.steps.map((s) => [
+          String(s.index),
+          s.name,
+          s.status,
+          String(s.attempts),
+          duration(s.durationMs),
+          s.next ?? (s.status === 'completed' ? 'end' : '-'),
+          s.error ? errorSummary(s.error).slice(0, 60) : '',
+        ]),
+      ),
+    ),
+  );
+  if (run.effects.length > 0) {
+    out.push('', 'effects');
+    out.push(
+      indent(
+        table(
+          ['effect', 'key', 'status', 'attempts', 'step', 'result'],
+          run.effects.map((e) => [
+            e.name,
+            e.key,
+            e.status +
+              (e.compensationAttempts
+                ? ` (${e.compensationAttempts} compensation attempt(s))`
+                : ''),
+            String(e.attempts),
+            e.step,
+            e.error ? errorSummary(e.error).slice(0, 60) : compact(e.result, 60),
+          ]),
+        ),
+      ),
+    );
+  }
+  out.push('', `state     ${compact(run.state, 200)}`);
+  return out.join('\n');
+}
+
+export function formatList(runs: RunSummary[]): string {
+  if (runs.length === 0) return 'no runs';
+  return table(
+    ['id', 'workflow', 'status', 'steps', 'at', 'updated'],
+    runs.map((r) => [
+      r.id,
+      `${r.workflow} v${r.version}`,
+      r.status === 'running' && !r.live ? 'running (interrupted)' : r.status,
+      String(r.stepCount),
+      r.cursor ?? '-',
+      time(r.updatedAt),
+    ]),
+  );
+}
+
+export function formatPlan(plan: ResumePlan): string {
+  const keys = (list: { name: string; key: string }[]) =>
+    list.length ? list.map((e) => `${e.name} (key ${e.key})`).join(', ') : 'none';
+  return [
+    `run ${plan.runId} (${plan.workflow}) is ${plan.status}`,
+    plan.resumable ? 'resume would proceed' : `resume would refuse: ${plan.reason}`,
+    `steps done:                ${plan.completedSteps.join(' → ') || 'none'}`,
+    `restarts at:               ${plan.restartAt ?? 'nothing left to run'}`,
+    `effect results reused:     ${keys(plan.reused)}`,
+    `effects run again (same key): ${keys(plan.rerun)}`,
+    `effects reconciled first:  ${keys(plan.reconcile)}`,
+    `effects of unknown outcome: ${keys(plan.unknown)}`,
+  ].join('\n');
+}
+
+export function errorLine(error: SerializedError): string {
+  return `${error.message.split('\n')[0] ?? ''}${error.step ? ` (step ${String(error.step)})` : ''}`;
+}
+
+function indent(text: string): string {
+  return text
+    .split('\n')
+    .map((l) => `  ${l}`)
+    .join('\n');
+}

@@ -1,0 +1,311 @@
+/**
+ * The `keel` command line. Exit status: 0 when the run completed (or the command succeeded), 1 when
+ * the run failed or could not proceed, 2 for usage errors (bad arguments, unknown ids, bad files).
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { existsSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { toDisplayJson } from '../../engine/codec.ts';
+import type { Engine, RunResult } from '../../engine/engine.ts';
+import { ErrorCode, InputError, isKeelError, serializeError } from '../../engine/errors.ts';
+import { RunStatus } from '../../engine/store.ts';
+import { DEFAULT_DB, openEngine } from '../index.ts';
+import { loadWorkflow } from '../loader.ts';
+import { formatList, formatPlan, formatRun } from './format.ts';
+import { createProgress, type Progress } from './progress.ts';
+
+type GlobalOptions = {
+  db?: string;
+  json?: boolean;
+  synchronous?: 'NORMAL' | 'FULL';
+  progress?: boolean;
+};
+
+const USAGE_CODES: readonly string[] = [
+  ErrorCode.input,
+  ErrorCode.notFound,
+  ErrorCode.definition,
+  ErrorCode.database,
+];
+
+class Cli {
+  private engine: Engine | undefined;
+  private progress: Progress | undefined;
+  private interrupted = false;
+
+  constructor(private readonly options: GlobalOptions) {}
+
+  get json(): boolean {
+    return this.options.json === true;
+  }
+
+  open(mustExist: boolean): Engine {
+    const db = resolve(this.options.db ?? process.env.KEEL_DB ?? DEFAULT_DB);
+    if (mustExist && !existsSync(db)) {
+      throw new InputError(`No keel database at ${db}.`, {
+        hint: 'Start a run first with `keel run FILE`, or point --db (or KEEL_DB) at an existing database.',
+      });
+    }
+    this.progress = createProgress(process.stderr, !this.json && this.options.progress !== false);
+    const progress = this.progress;
+    this.engine = openEngine({
+      db,
+      ...(this.options.synchronous ? { synchronous: this.options.synchronous } : {}),
+      onEvent: (event) => progress.onEvent(event),
+    });
+    this.handleSignals();
+    return this.engine;
+  }
+
+  async close(): Promise<void> {
+    this.progress?.stop();
+    await this.engine?.close();
+  }
+
+  print(human: string, data: unknown): void {
+    process.stdout.write(`${this.json ? JSON.stringify(toDisplayJson(data), null, 2) : human}\n`);
+  }
+
+  /** Shows a finished run and turns its status into the exit code. */
+  async report(result: RunResult): Promise<number> {
+    this.progress?.stop();
+    const view = await this.engine!.get(result.id);
+    if (this.json) this.print('', { ...view, rollback: result.rollback });
+    else this.print(summaryOf(view.status, result, view.effects), null);
+    const ok: string[] = [RunStatus.completed, RunStatus.rolledBack];
+    return ok.includes(result.status) ? 0 : 1;
+  }
+
+  /** Ctrl-C: stop at the next milestone and hand the lease back, so `keel resume` can go on at once. */
+  private handleSignals(): void {
+    const stop = (signal: NodeJS.Signals) => {
+      if (this.interrupted) process.exit(130);
+      this.interrupted = true;
+      process.stderr.write(
+        `\nkeel: ${signal}: stopping; resume later with \`keel resume --all\`\n`,
+      );
+      void this.close().finally(() => process.exit(signal === 'SIGINT' ? 130 : 143));
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  }
+}
+
+function summaryOf(
+  status: string,
+  result: RunResult,
+  effects: { name: string; key: string; status: string; result: unknown }[],
+) {
+  const lines = [`run ${result.id} (${result.workflow}): ${status}`];
+  if (result.error) lines.push(`  error: ${result.error.message}`);
+  for (const effect of effects) {
+    lines.push(
+      `  effect ${effect.name} [${effect.key}]: ${effect.status}${effect.result !== null ? ` ${JSON.stringify(toDisplayJson(effect.result))}` : ''}`,
+    );
+  }
+  if (result.rollback) {
+    const { compensated, skipped, remaining } = result.rollback;
+    lines.push(`  compensated: ${compensated.join(', ') || 'none'}`);
+    if (skipped.length)
+      lines.push(`  no compensation declared (left applied): ${skipped.join(', ')}`);
+    if (remaining.length) lines.push(`  still applied: ${remaining.join(', ')}`);
+  }
+  if (status === RunStatus.failed)
+    lines.push(
+      `  inspect with \`keel show ${result.id}\`; retry with \`keel resume ${result.id}\` or undo with \`keel rollback ${result.id}\``,
+    );
+  return lines.join('\n');
+}
+
+function parseInput(text: string | undefined): object {
+  if (text === undefined) return {};
+  let source = text;
+  if (text.startsWith('@')) {
+    const file = resolve(text.slice(1));
+    if (!existsSync(file))
+      throw new InputError(`Input file ${file} does not exist.`, {
+        hint: 'Use --input @path/to/input.json.',
+      });
+    source = readFileSync(file, 'utf8');
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(source);
+  } catch (error) {
+    throw new InputError(`--input is not valid JSON: ${(error as Error).message}.`, {
+      hint: `Quote it for the shell, e.g. --input '{"topic": "leases"}', or pass a file with --input @input.json.`,
+    });
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new InputError('--input must be a JSON object.', {
+      hint: `Got ${source.slice(0, 40)}; wrap it, e.g. {"topic": "leases"}.`,
+    });
+  }
+  return value;
+}
+
+function program(): Command {
+  const cli = (command: Command) => new Cli(command.optsWithGlobals<GlobalOptions>());
+  const root = new Command('keel')
+    .description(
+      'Durable workflows: typed step graphs checkpointed to SQLite, resumed after a crash, rolled back cleanly.',
+    )
+    .option('--db <path>', `database file (default: $KEEL_DB or ${DEFAULT_DB})`)
+    .option('--json', 'machine-readable output on stdout')
+    .addOption(
+      new Option(
+        '--synchronous <mode>',
+        'SQLite durability: NORMAL survives a crash, FULL a power cut',
+      ).choices(['NORMAL', 'FULL']),
+    )
+    .option('--no-progress', 'no progress output on stderr')
+    .showHelpAfterError()
+    .exitOverride();
+
+  root
+    .command('run')
+    .description('start a run of a workflow file and drive it to the end')
+    .argument('<file>', 'a .ts or .js file exporting a workflow')
+    .option('--workflow <name>', 'which workflow, when the file exports several')
+    .option('--input <json>', 'input as JSON, or @file.json')
+    .action(async (file: string, opts: { workflow?: string; input?: string }, command: Command) => {
+      const c = cli(command);
+      const input = parseInput(opts.input);
+      const wf = await loadWorkflow(file, opts.workflow);
+      const engine = c.open(false);
+      return run(c, async () => c.report(await engine.start(wf, input, { module: resolve(file) })));
+    });
+
+  root
+    .command('resume')
+    .description('continue interrupted runs from their last checkpoint')
+    .argument('[run-id]', 'the run to resume')
+    .option('--all', 'every run left running by a process that is gone')
+    .option('--plan', 'show what resuming would do, change nothing')
+    .option(
+      '--allow-version-change',
+      'carry a run on under a changed graph whose version was raised',
+    )
+    .action(
+      async (
+        id: string | undefined,
+        opts: { all?: boolean; plan?: boolean; allowVersionChange?: boolean },
+        command: Command,
+      ) => {
+        const c = cli(command);
+        if (!id && !opts.all)
+          throw new InputError('Give a run id, or --all.', { hint: 'List runs with `keel ls`.' });
+        if (id && opts.all) throw new InputError('Give a run id or --all, not both.');
+        const engine = c.open(true);
+        const allowVersionChange = opts.allowVersionChange === true;
+        if (opts.plan) {
+          if (!id) throw new InputError('--plan needs a run id.');
+          const plan = await engine.plan(id, { allowVersionChange });
+          c.print(formatPlan(plan), plan);
+          return run(c, async () => 0);
+        }
+        if (id)
+          return run(c, async () => c.report(await engine.resume(id, { allowVersionChange })));
+        return run(c, async () => {
+          const results = await engine.resumeAll({ allowVersionChange });
+          const failed = results.filter(
+            (r) =>
+              !('status' in r) ||
+              (r.status !== RunStatus.completed && r.status !== RunStatus.rolledBack),
+          );
+          const lines = results.map((r) =>
+            'status' in r
+              ? `${r.id} (${r.workflow}): ${r.status}${r.error ? ` — ${r.error.message.split('\n')[0]}` : ''}`
+              : `${r.id}: not resumed — ${r.error.message.split('\n')[0]}`,
+          );
+          c.print(results.length ? lines.join('\n') : 'no interrupted runs to resume', results);
+          return failed.length ? 1 : 0;
+        });
+      },
+    );
+
+  root
+    .command('rollback')
+    .description("run the compensations of a run's applied effects, newest first")
+    .argument('<run-id>')
+    .action(async (id: string, _opts: object, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () => c.report(await engine.rollback(id)));
+    });
+
+  root
+    .command('ls')
+    .description('list runs, newest first')
+    .addOption(
+      new Option('--status <status>', 'only runs with this status').choices(
+        Object.values(RunStatus),
+      ),
+    )
+    .option('--workflow <name>', 'only runs of this workflow')
+    .option('--limit <n>', 'at most this many', (v) => Number.parseInt(v, 10))
+    .action(
+      async (opts: { status?: RunStatus; workflow?: string; limit?: number }, command: Command) => {
+        const c = cli(command);
+        const engine = c.open(true);
+        return run(c, async () => {
+          const runs = await engine.list({
+            ...(opts.status ? { status: opts.status } : {}),
+            ...(opts.workflow ? { workflow: opts.workflow } : {}),
+            ...(opts.limit ? { limit: opts.limit } : {}),
+          });
+          c.print(formatList(runs), runs);
+          return 0;
+        });
+      },
+    );
+
+  root
+    .command('show')
+    .description('a run: its steps, attempts, effects with keys, durations, errors and state')
+    .argument('<run-id>')
+    .action(async (id: string, _opts: object, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () => {
+        const view = await engine.get(id);
+        c.print(formatRun(view), view);
+        return 0;
+      });
+    });
+
+  return root;
+}
+
+let exitCode = 0;
+
+async function run(cli: Cli, work: () => Promise<number>): Promise<void> {
+  try {
+    exitCode = await work();
+  } finally {
+    await cli.close();
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  const json = argv.includes('--json');
+  try {
+    await program().parseAsync(argv);
+    return exitCode;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      return error.exitCode === 0 ? 0 : 2;
+    }
+    const data = serializeError(error);
+    if (json)
+      process.stdout.write(
+        `${JSON.stringify({ error: { ...data, stack: undefined } }, null, 2)}\n`,
+      );
+    process.stderr.write(`keel: ${error instanceof Error ? error.message : String(error)}\n`);
+    if (!isKeelError(error) && error instanceof Error && process.env.KEEL_DEBUG)
+      process.stderr.write(`${error.stack}\n`);
+    return isKeelError(error) && USAGE_CODES.includes(error.code) ? 2 : 1;
+  }
+}
+
+process.exitCode = await main(process.argv);

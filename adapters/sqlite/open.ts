@@ -1,0 +1,143 @@
+/**
+ * Opening a keel database: refuse what is not one, migrate what is, set the pragmas.
+ *
+ * Nothing is written to a file until it is known to be a keel database (or a new, empty one): a file
+ * that is not SQLite, a SQLite database of another application, a corrupt one or one written by a
+ * newer keel is left exactly as it was, with an error that says so.
+ */
+import Database from 'better-sqlite3';
+import { closeSync, existsSync, mkdirSync, openSync, readSync, statSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { DatabaseError } from '../../engine/errors.ts';
+import { applyMigrations, readMigrations } from './migrate.ts';
+
+/** `PRAGMA application_id` of every keel database: "keel" in ASCII. */
+export const KEEL_APPLICATION_ID = 0x6b65656c;
+const SQLITE_HEADER = 'SQLite format 3\0';
+export const MIGRATIONS_FOLDER = fileURLToPath(new URL('../../migrations', import.meta.url));
+
+export type SqliteOptions = {
+  /** `NORMAL` (default) survives a process crash; `FULL` also survives a power cut. */
+  synchronous?: 'NORMAL' | 'FULL';
+  /** How long to wait for another process's write lock before failing (default 5 s). */
+  busyTimeoutMs?: number;
+  migrationsFolder?: string;
+};
+
+export function openDatabase(path: string, options: SqliteOptions = {}): Database.Database {
+  const file = path === ':memory:' ? path : resolve(path);
+  if (file !== ':memory:') prepareFile(file);
+  let sqlite: Database.Database;
+  try {
+    sqlite = new Database(file, { timeout: options.busyTimeoutMs ?? 5_000 });
+  } catch (error) {
+    throw translate(error, file);
+  }
+  try {
+    checkIdentity(sqlite, file, options.migrationsFolder ?? MIGRATIONS_FOLDER);
+    sqlite.pragma('journal_mode = WAL');
+    sqlite.pragma(`synchronous = ${options.synchronous ?? 'NORMAL'}`);
+    sqlite.pragma('foreign_keys = ON');
+    applyMigrations(sqlite, readMigrations(options.migrationsFolder ?? MIGRATIONS_FOLDER), file);
+    return sqlite;
+  } catch (error) {
+    sqlite.close();
+    throw translate(error, file);
+  }
+}
+
+function prepareFile(file: string): void {
+  const folder = dirname(file);
+  if (!existsSync(folder)) mkdirSync(folder, { recursive: true, mode: 0o700 });
+  if (!existsSync(file)) return;
+  const stats = statSync(file);
+  if (stats.isDirectory()) {
+    throw new DatabaseError(`${file} is a folder, not a database file.`, {
+      hint: 'Point --db (or KEEL_DB) at a file, e.g. .keel/keel.db.',
+    });
+  }
+  if (stats.size === 0) return;
+  const header = Buffer.alloc(16);
+  const fd = openSync(file, 'r');
+  try {
+    readSync(fd, header, 0, 16, 0);
+  } finally {
+    closeSync(fd);
+  }
+  if (header.toString('latin1') !== SQLITE_HEADER) {
+    throw new DatabaseError(
+      `${file} is not a SQLite database (or its header is damaged); keel left it untouched.`,
+      {
+        hint: 'Use another path with --db, or restore the file from a backup.',
+      },
+    );
+  }
+}
+
+function checkIdentity(sqlite: Database.Database, file: string, migrationsFolder: string): void {
+  const appId = sqlite.pragma('application_id', { simple: true }) as number;
+  if (appId !== KEEL_APPLICATION_ID) {
+    const tables = (
+      sqlite
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .all() as {
+        name: string;
+      }[]
+    ).map((t) => t.name);
+    if (appId !== 0 || tables.length > 0) {
+      throw new DatabaseError(
+        `${file} is a SQLite database of another application${tables.length ? ` (tables: ${tables.slice(0, 5).join(', ')})` : ''}, not a keel database; keel left it untouched.`,
+        { hint: 'Give keel a database of its own with --db (or KEEL_DB).' },
+      );
+    }
+    sqlite.pragma(`application_id = ${KEEL_APPLICATION_ID}`);
+  }
+  const version = sqlite.pragma('user_version', { simple: true }) as number;
+  const known = readMigrations(migrationsFolder).length;
+  if (version > known) {
+    throw new DatabaseError(
+      `${file} was written by a newer keel (schema ${version}; this keel knows up to ${known}); keel left it untouched.`,
+      { hint: 'Upgrade keel (npm install keel@latest) to open it.' },
+    );
+  }
+}
+
+/** Maps SQLite's errors to messages that say what to do. */
+export function translate(error: unknown, file: string): unknown {
+  const code = (error as { code?: string }).code ?? '';
+  if (code === 'SQLITE_BUSY' || code.startsWith('SQLITE_BUSY') || code === 'SQLITE_LOCKED') {
+    return new DatabaseError(
+      `${file} is locked by another process, and stayed locked past the busy timeout.`,
+      {
+        cause: error,
+        hint: 'Another keel (or a sqlite3 shell holding a transaction) is writing; retry, or raise busyTimeoutMs.',
+      },
+    );
+  }
+  if (code === 'SQLITE_NOTADB' || code.startsWith('SQLITE_CORRUPT')) {
+    return new DatabaseError(`${file} is damaged (${code}); keel left it untouched.`, {
+      cause: error,
+      hint: 'Check it with `sqlite3 FILE "PRAGMA integrity_check"` and restore a backup if it fails.',
+    });
+  }
+  if (code === 'SQLITE_CANTOPEN') {
+    return new DatabaseError(`Cannot open ${file}: ${(error as Error).message}.`, {
+      cause: error,
+      hint: 'Check that the folder exists and is writable.',
+    });
+  }
+  if (code === 'SQLITE_READONLY' || code.startsWith('SQLITE_READONLY')) {
+    return new DatabaseError(`${file} is read-only for this process.`, {
+      cause: error,
+      hint: 'Check the file permissions.',
+    });
+  }
+  if (code === 'SQLITE_FULL') {
+    return new DatabaseError(`The disk holding ${file} is full; the last commit was not written.`, {
+      cause: error,
+      hint: 'Free some space, then resume the run: its last good checkpoint is intact.',
+    });
+  }
+  return error;
+}

@@ -1,0 +1,101 @@
+/**
+ * keel's tables. Migrations in `migrations/` are generated from this file by drizzle-kit
+ * (`npm run db:generate`) and applied when a database is opened.
+ *
+ * Foreign keys have no ON DELETE CASCADE on purpose: a migration that rebuilds a parent table must
+ * never take child rows with it (see `migrate.ts`).
+ */
+
+import { index, integer, primaryKey, sqliteTable, text } from 'drizzle-orm/sqlite-core';
+
+export const runs = sqliteTable(
+  'runs',
+  {
+    id: text('id').primaryKey(),
+    workflow: text('workflow').notNull(),
+    version: integer('version').notNull(),
+    fingerprint: text('fingerprint').notNull(),
+    graph: text('graph').notNull(),
+    module: text('module'),
+    status: text('status').notNull(),
+    input: text('input').notNull(),
+    cursor: text('cursor'),
+    cursorAttempts: integer('cursor_attempts').notNull().default(0),
+    stepCount: integer('step_count').notNull().default(0),
+    seq: integer('seq').notNull(),
+    snapshotSeq: integer('snapshot_seq').notNull(),
+    snapshotBytes: integer('snapshot_bytes').notNull(),
+    patchBytes: integer('patch_bytes').notNull().default(0),
+    patchCount: integer('patch_count').notNull().default(0),
+    error: text('error'),
+    options: text('options').notNull().default('{}'),
+    epoch: integer('epoch').notNull().default(1),
+    leaseOwner: text('lease_owner'),
+    leasePid: integer('lease_pid'),
+    leaseHost: text('lease_host'),
+    leaseExpiresAt: integer('lease_expires_at'),
+    createdAt: integer('created_at').notNull(),
+    updatedAt: integer('updated_at').notNull(),
+    endedAt: integer('ended_at'),
+  },
+  (t) => [
+    index('runs_status_idx').on(t.status, t.updatedAt),
+    index('runs_workflow_idx').on(t.workflow, t.createdAt),
+  ],
+);
+
+export const checkpoints = sqliteTable(
+  'checkpoints',
+  {
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    seq: integer('seq').notNull(),
+    kind: text('kind', { enum: ['snapshot', 'patch'] }).notNull(),
+    step: text('step'),
+    data: text('data').notNull(),
+    createdAt: integer('created_at').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.runId, t.seq] })],
+);
+
+export const steps = sqliteTable(
+  'steps',
+  {
+    id: integer('id').primaryKey({ autoIncrement: true }),
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    index: integer('idx').notNull(),
+    name: text('name').notNull(),
+    status: text('status', { enum: ['completed', 'failed'] }).notNull(),
+    attempts: integer('attempts').notNull(),
+    next: text('next'),
+    startedAt: integer('started_at').notNull(),
+    endedAt: integer('ended_at').notNull(),
+    error: text('error'),
+  },
+  (t) => [index('steps_run_idx').on(t.runId, t.id)],
+);
+
+export const effects = sqliteTable(
+  'effects',
+  {
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    key: text('key').notNull(),
+    name: text('name').notNull(),
+    step: text('step').notNull(),
+    status: text('status').notNull(),
+    result: text('result'),
+    error: text('error'),
+    attempts: integer('attempts').notNull().default(0),
+    startedAt: integer('started_at').notNull(),
+    completedAt: integer('completed_at'),
+    completionOrder: integer('completion_order'),
+    compensationAttempts: integer('compensation_attempts').notNull().default(0),
+    compensatedAt: integer('compensated_at'),
+  },
+  (t) => [primaryKey({ columns: [t.runId, t.key] })],
+);

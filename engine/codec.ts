@@ -1,0 +1,191 @@
+/**
+ * The state codec: how a workflow's state, its patches and effect results are written down.
+ *
+ * It is JSON with tagged objects for what JSON cannot say, so that a state round-trips exactly: Date,
+ * Map, Set, BigInt, `undefined` (inside objects and arrays), NaN, ±Infinity and -0. Anything else that
+ * is not plain data (functions, symbols, class instances, cycles) is refused with the path of the bad
+ * field, before anything is written.
+ */
+import { StateError } from './errors.ts';
+
+const TAG = '$';
+type Tagged = { [TAG]: string; v?: unknown };
+
+type PathSegment = string | number | { mapKey: unknown };
+
+/** Encodes `value` as a string; throws {@link StateError} naming the first field it cannot keep. */
+export function encode(value: unknown, root: PathSegment[] = []): string {
+  return JSON.stringify(toTagged(value, root, new Set()));
+}
+
+/** Decodes what {@link encode} wrote. */
+export function decode<T = unknown>(text: string): T {
+  return fromTagged(JSON.parse(text)) as T;
+}
+
+/** Copies a value through the codec: what a reader in another process would see. */
+export function roundTrip<T>(value: T): T {
+  return decode<T>(encode(value));
+}
+
+function toTagged(value: unknown, path: PathSegment[], ancestors: Set<object>): unknown {
+  switch (typeof value) {
+    case 'string':
+    case 'boolean':
+      return value;
+    case 'number':
+      if (Number.isFinite(value) && !Object.is(value, -0)) return value;
+      return { [TAG]: 'N', v: Object.is(value, -0) ? '-0' : String(value) };
+    case 'bigint':
+      return { [TAG]: 'B', v: value.toString() };
+    case 'undefined':
+      return { [TAG]: 'U' };
+    case 'function':
+      throw refusal('a function', path);
+    case 'symbol':
+      throw refusal('a symbol', path);
+    case 'object':
+      break;
+  }
+  if (value === null) return null;
+  const object = value;
+  if (ancestors.has(object))
+    throw refusal('a reference to one of its own ancestors (a cycle)', path);
+  ancestors.add(object);
+  try {
+    return taggedObject(object, path, ancestors);
+  } finally {
+    ancestors.delete(object);
+  }
+}
+
+function taggedObject(object: object, path: PathSegment[], ancestors: Set<object>): unknown {
+  if (Array.isArray(object)) {
+    const out = new Array<unknown>(object.length);
+    for (let i = 0; i < object.length; i++) {
+      path.push(i);
+      out[i] = toTagged(object[i], path, ancestors);
+      path.pop();
+    }
+    return out;
+  }
+  const proto = Object.getPrototypeOf(object) as object | null;
+  if (proto === Object.prototype || proto === null) {
+    const out: Record<string, unknown> = {};
+    for (const key of Object.keys(object)) {
+      path.push(key);
+      out[key] = toTagged((object as Record<string, unknown>)[key], path, ancestors);
+      path.pop();
+    }
+    return TAG in out ? { [TAG]: 'O', v: out } : out;
+  }
+  if (object instanceof Date) {
+    const time = object.getTime();
+    return { [TAG]: 'D', v: Number.isNaN(time) ? null : time };
+  }
+  if (object instanceof Map) {
+    const entries: unknown[] = [];
+    for (const [key, entry] of object) {
+      path.push({ mapKey: key });
+      entries.push([toTagged(key, path, ancestors), toTagged(entry, path, ancestors)]);
+      path.pop();
+    }
+    return { [TAG]: 'M', v: entries };
+  }
+  if (object instanceof Set) {
+    const items: unknown[] = [];
+    let i = 0;
+    for (const item of object) {
+      path.push(i++);
+      items.push(toTagged(item, path, ancestors));
+      path.pop();
+    }
+    return { [TAG]: 'S', v: items };
+  }
+  const kind = (proto as { constructor?: { name?: string } }).constructor?.name || 'object';
+  throw refusal(`an instance of ${kind}`, path);
+}
+
+function fromTagged(node: unknown): unknown {
+  if (node === null || typeof node !== 'object') return node;
+  if (Array.isArray(node)) {
+    for (let i = 0; i < node.length; i++) node[i] = fromTagged(node[i]);
+    return node;
+  }
+  const record = node as Record<string, unknown>;
+  if (!(TAG in record)) {
+    for (const key of Object.keys(record)) record[key] = fromTagged(record[key]);
+    return record;
+  }
+  const { [TAG]: tag, v } = record as Tagged;
+  switch (tag) {
+    case 'U':
+      return undefined;
+    case 'N':
+      return v === '-0' ? -0 : Number(v);
+    case 'B':
+      return BigInt(v as string);
+    case 'D':
+      return new Date(v === null ? NaN : (v as number));
+    case 'M':
+      return new Map((v as [unknown, unknown][]).map(([k, e]) => [fromTagged(k), fromTagged(e)]));
+    case 'S':
+      return new Set((v as unknown[]).map(fromTagged));
+    case 'O':
+      return fromTagged(v);
+    default:
+      throw new StateError(
+        `Stored value has an unknown tag "${tag}": it was written by a newer keel.`,
+      );
+  }
+}
+
+function refusal(what: string, path: PathSegment[]): StateError {
+  const where = formatPath(path);
+  return new StateError(`Cannot checkpoint ${where}: it holds ${what}.`, {
+    path: where,
+    hint: 'State must be plain data (objects, arrays, strings, numbers, booleans, null, undefined, Date, Map, Set, BigInt). Keep handles, clients and class instances outside the state.',
+  });
+}
+
+/** `state.a.b[2]`, with Map entries as `.get("key")`. */
+export function formatPath(path: readonly PathSegment[]): string {
+  let out = 'state';
+  for (const segment of path) {
+    if (typeof segment === 'number') out += `[${segment}]`;
+    else if (typeof segment === 'string')
+      out += /^[A-Za-z_$][\w$]*$/.test(segment) ? `.${segment}` : `[${JSON.stringify(segment)}]`;
+    else out += `.get(${describeKey(segment.mapKey)})`;
+  }
+  return out;
+}
+
+function describeKey(key: unknown): string {
+  if (typeof key === 'string') return JSON.stringify(key);
+  if (typeof key === 'bigint') return `${key}n`;
+  if (typeof key === 'object' && key !== null) return '{…}';
+  return String(key);
+}
+
+/**
+ * A JSON-safe view of a value for display and `--json` output: BigInt as a string, Date as ISO text,
+ * Map as an object (or entry list when its keys are not strings), Set as an array.
+ */
+export function toDisplayJson(value: unknown): unknown {
+  if (typeof value === 'bigint') return value.toString();
+  if (typeof value === 'number' && !Number.isFinite(value)) return String(value);
+  if (value === null || typeof value !== 'object') return value;
+  if (value instanceof Date) return Number.isNaN(value.getTime()) ? null : value.toISOString();
+  if (Array.isArray(value)) return value.map(toDisplayJson);
+  if (value instanceof Set) return [...value].map(toDisplayJson);
+  if (value instanceof Map) {
+    const keys = [...value.keys()];
+    if (keys.every((k) => typeof k === 'string')) {
+      return Object.fromEntries([...value].map(([k, v]) => [k, toDisplayJson(v)]));
+    }
+    return [...value].map(([k, v]) => [toDisplayJson(k), toDisplayJson(v)]);
+  }
+  const out: Record<string, unknown> = {};
+  for (const [key, entry] of Object.entries(value)) out[key] = toDisplayJson(entry);
+  return out;
+}

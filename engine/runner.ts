@@ -1,0 +1,357 @@
+/**
+ * Executes a held run from its cursor until it ends, fails, or loses its lease.
+ *
+ * Each step execution ends in one milestone: the step's record, its patches and the new cursor (and
+ * for an effect step, the effect's result) are committed together. A crash before that commit runs
+ * the step again from the state of its last checkpoint; a crash after it never does.
+ */
+import { stateMilestone } from './checkpoint.ts';
+import type { EngineDeps } from './deps.ts';
+import { checkKey, performEffect, retryPolicy } from './effects.ts';
+import {
+  DefinitionError,
+  KeelError,
+  ErrorCode,
+  isDefinitionError,
+  isEffectOutcomeUnknownError,
+  isLeaseError,
+  isStateError,
+  serializeError,
+} from './errors.ts';
+import type { HeldRun } from './held-run.ts';
+import { rollbackHeld } from './rollback.ts';
+import type { StateTracker } from './state.ts';
+import { RunStatus, type Milestone, type StepRecord } from './store.ts';
+import { backoffMs } from './time.ts';
+import {
+  END,
+  type EffectNode,
+  type InlineEffect,
+  type StepContext,
+  type StepNode,
+} from './workflow.ts';
+
+export const DEFAULT_MAX_STEPS = 1_000;
+
+export type Execution = {
+  deps: EngineDeps;
+  held: HeldRun;
+  tracker: StateTracker;
+  /** The highest completion order among the run's effects. */
+  effectOrder: number;
+};
+
+export async function execute(ex: Execution): Promise<void> {
+  const { held } = ex;
+  const maxSteps = held.workflow.options.maxSteps ?? DEFAULT_MAX_STEPS;
+  while (held.run.status === RunStatus.running && held.run.cursor !== null) {
+    const node = held.workflow.node(held.run.cursor);
+    if (!node) {
+      const error = new DefinitionError(
+        `Run ${held.id} is at step "${held.run.cursor}", which workflow "${held.workflow.name}" no longer declares.`,
+        { runId: held.id, hint: 'Restore the step, or roll the run back.' },
+      );
+      await fail(ex, held.run.cursor, error, 0, ex.deps.clock.now());
+      return;
+    }
+    if (held.run.stepCount >= maxSteps) {
+      const error = new KeelError(
+        ErrorCode.stepLimit,
+        `Run ${held.id} reached its limit of ${maxSteps} step executions at step "${node.name}".`,
+        {
+          runId: held.id,
+          step: node.name,
+          hint: 'A route probably loops for ever; fix its condition, or raise maxSteps in the workflow options.',
+        },
+      );
+      await fail(ex, node.name, error, 0, ex.deps.clock.now());
+      return;
+    }
+    if (node.kind === 'step') await runStep(ex, node);
+    else await runEffectStep(ex, node);
+  }
+}
+
+async function runStep(ex: Execution, node: StepNode): Promise<void> {
+  const { deps, held, tracker } = ex;
+  const policy = retryPolicy(node.options.retry, 1);
+  const index = held.run.stepCount + 1;
+  const startedAt = deps.clock.now();
+  for (;;) {
+    const attempt = held.run.cursorAttempts + 1;
+    deps.emit({ type: 'step-started', runId: held.id, step: node.name, index, attempt });
+    const draft = tracker.begin();
+    try {
+      held.signal.throwIfAborted();
+      await node.run(draft, stepContext(ex, node.name, attempt, draft));
+      if (tracker.poisoned) throw tracker.poisoned;
+      const { patches, next } = tracker.finish();
+      const target = decide(ex, node.name, next);
+      const state = stateMilestone(deps, held.run, node.name, patches, next);
+      await held.commit(
+        {
+          checkpoint: state.checkpoint,
+          run: { ...state.run, ...advance(ex, index, target) },
+          step: stepRecord(
+            held.id,
+            index,
+            node.name,
+            'completed',
+            attempt,
+            target,
+            startedAt,
+            deps.clock.now(),
+          ),
+        } satisfies Milestone,
+        'step',
+      );
+      tracker.adopt(next, false);
+      deps.emit({ type: 'step-completed', runId: held.id, step: node.name, index, next: target });
+      return;
+    } catch (error) {
+      tracker.restart(false);
+      if (held.signal.aborted || isLeaseError(error)) throw held.signal.reason ?? error;
+      if (!isRetryable(error) || attempt >= policy.attempts) {
+        await fail(ex, node.name, error, attempt, startedAt);
+        return;
+      }
+      const delayMs = backoffMs(attempt, policy.backoffMs, policy.maxBackoffMs, deps.random);
+      await held.commit({ run: { cursorAttempts: attempt } }, 'attempt');
+      deps.emit({
+        type: 'step-retrying',
+        runId: held.id,
+        step: node.name,
+        attempt,
+        delayMs,
+        error: String(error),
+      });
+      deps.logger.warn('step failed; retrying', {
+        runId: held.id,
+        step: node.name,
+        attempt,
+        delayMs,
+        error: String(error),
+      });
+      await deps.clock.sleep(delayMs, held.signal);
+    }
+  }
+}
+
+async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
+  const { deps, held, tracker } = ex;
+  const index = held.run.stepCount + 1;
+  const startedAt = deps.clock.now();
+  deps.emit({ type: 'step-started', runId: held.id, step: node.name, index, attempt: 1 });
+  try {
+    const key = checkKey(node.effect.key(tracker.base), node.name, held.id);
+    const outcome = await performEffect(deps, held, {
+      name: node.name,
+      step: node.name,
+      key,
+      effect: node.effect,
+      state: tracker.base,
+      nextOrder: () => ++ex.effectOrder,
+    });
+    const target = decide(ex, node.name, tracker.base);
+    const attempts = outcome.record?.attempts ?? 1;
+    await held.commit(
+      {
+        run: advance(ex, index, target),
+        step: stepRecord(
+          held.id,
+          index,
+          node.name,
+          'completed',
+          attempts,
+          target,
+          startedAt,
+          deps.clock.now(),
+        ),
+        ...(outcome.record ? { effect: outcome.record } : {}),
+      },
+      'step',
+    );
+    deps.emit({
+      type: outcome.record ? 'effect-applied' : 'effect-reused',
+      runId: held.id,
+      step: node.name,
+      effect: node.name,
+      key,
+    });
+    deps.emit({ type: 'step-completed', runId: held.id, step: node.name, index, next: target });
+  } catch (error) {
+    if (held.signal.aborted || isLeaseError(error)) throw held.signal.reason ?? error;
+    await fail(ex, node.name, error, 1, startedAt);
+  }
+}
+
+function stepContext(ex: Execution, step: string, attempt: number, root: object): StepContext {
+  const { deps, held, tracker } = ex;
+  let writes = Promise.resolve();
+  // Milestones from one step are written one at a time, in the order they were asked for.
+  const serial = <T>(work: () => Promise<T>): Promise<T> => {
+    const result = writes.then(work);
+    writes = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    return result;
+  };
+  const commitDraft = async (extra: Pick<Milestone, 'effect'>, label: string) => {
+    const { patches, next } = tracker.finish();
+    let state;
+    try {
+      state = stateMilestone(deps, held.run, step, patches, next);
+    } catch (error) {
+      tracker.restart(true);
+      tracker.poisoned = error as Error;
+      if (extra.effect) await held.commit(extra, label);
+      throw error;
+    }
+    try {
+      await held.commit({ ...state, ...extra }, label);
+    } catch (error) {
+      tracker.restart(true);
+      throw error;
+    }
+    tracker.adopt(next, true);
+  };
+  return {
+    runId: held.id,
+    step,
+    attempt,
+    signal: held.signal,
+    log: deps.logger.child({ runId: held.id, step, attempt }),
+    checkpoint: () => serial(() => commitDraft({}, 'checkpoint')),
+    effect: <R>(name: string, effect: InlineEffect<unknown, R>) =>
+      serial(async () => {
+        const key = checkKey(
+          typeof effect.key === 'function' ? effect.key(root) : effect.key,
+          name,
+          held.id,
+        );
+        held.inlineEffects.set(name, effect as InlineEffect<unknown, unknown>);
+        const outcome = await performEffect(deps, held, {
+          name,
+          step,
+          key,
+          effect: effect as InlineEffect<unknown, unknown>,
+          state: root,
+          nextOrder: () => ++ex.effectOrder,
+        });
+        if (outcome.record) {
+          await commitDraft({ effect: outcome.record }, 'effect-record');
+          deps.emit({ type: 'effect-applied', runId: held.id, step, effect: name, key });
+        } else {
+          deps.emit({ type: 'effect-reused', runId: held.id, step, effect: name, key });
+        }
+        return outcome.result as R;
+      }),
+  };
+}
+
+/** Where the run goes after `from`, checked against the graph. */
+function decide(ex: Execution, from: string, state: unknown): string {
+  const wf = ex.held.workflow;
+  const route = wf.routes.get(from);
+  if (!route) return wf.nextInOrder(from);
+  let target: unknown;
+  try {
+    target = route.decide(state as Readonly<unknown>);
+  } catch (error) {
+    throw new DefinitionError(`The route after step "${from}" threw: ${String(error)}`, {
+      runId: ex.held.id,
+      step: from,
+      cause: error,
+    });
+  }
+  const known = target === END || (typeof target === 'string' && wf.node(target) !== undefined);
+  const allowed = !route.targets || route.targets.includes(target as string);
+  if (!known || !allowed) {
+    throw new DefinitionError(
+      `The route after step "${from}" returned ${JSON.stringify(target)}, which is not ${known ? 'among its declared targets' : 'a declared step'}.`,
+      {
+        runId: ex.held.id,
+        step: from,
+        hint: `Return one of: ${[...(route.targets ?? wf.nodes.map((n) => n.name)), 'END'].join(', ')}.`,
+      },
+    );
+  }
+  return target as string;
+}
+
+function advance(ex: Execution, index: number, target: string): Milestone['run'] {
+  const ended = target === END;
+  return {
+    cursor: ended ? null : target,
+    stepCount: index,
+    cursorAttempts: 0,
+    ...(ended ? { status: RunStatus.completed, endedAt: ex.deps.clock.now(), lease: null } : {}),
+  };
+}
+
+async function fail(
+  ex: Execution,
+  step: string,
+  error: unknown,
+  attempts: number,
+  startedAt: number,
+) {
+  const { deps, held } = ex;
+  const serialized = JSON.stringify({ ...serializeError(error), step });
+  const rollback = held.workflow.options.rollbackOnFailure === true;
+  await held.commit(
+    {
+      run: {
+        status: RunStatus.failed,
+        error: serialized,
+        cursorAttempts: attempts,
+        endedAt: deps.clock.now(),
+        ...(rollback ? {} : { lease: null }),
+      },
+      step: {
+        ...stepRecord(
+          held.id,
+          held.run.stepCount + 1,
+          step,
+          'failed',
+          attempts,
+          null,
+          startedAt,
+          deps.clock.now(),
+        ),
+        error: serialized,
+      },
+    },
+    'step',
+  );
+  deps.logger.error('run failed', { runId: held.id, step, error: String(error) });
+  if (rollback) await rollbackHeld(deps, held, ex.tracker.base);
+}
+
+function isRetryable(error: unknown): boolean {
+  return !(isStateError(error) || isDefinitionError(error) || isEffectOutcomeUnknownError(error));
+}
+
+function stepRecord(
+  runId: string,
+  index: number,
+  name: string,
+  status: StepRecord['status'],
+  attempts: number,
+  next: string | null,
+  startedAt: number,
+  endedAt: number,
+): StepRecord {
+  return {
+    runId,
+    index,
+    name,
+    status,
+    attempts,
+    next: next === END ? null : next,
+    startedAt,
+    endedAt,
+    error: null,
+  };
+}

@@ -1,0 +1,182 @@
+/**
+ * The one interface through which the engine reaches storage. Every method is atomic on its own;
+ * `commit` is the milestone: all of its rows land together or none do, and only while the caller's
+ * lease epoch is still the run's current one.
+ *
+ * Implementations: `adapters/sqlite` (embedded default). `tests/store-conformance.ts` holds the suite
+ * every implementation must pass.
+ */
+
+export const RunStatus = {
+  running: 'running',
+  waiting: 'waiting',
+  completed: 'completed',
+  failed: 'failed',
+  compensating: 'compensating',
+  rolledBack: 'rolled_back',
+  compensationFailed: 'compensation_failed',
+} as const;
+export type RunStatus = (typeof RunStatus)[keyof typeof RunStatus];
+
+export const EffectStatus = {
+  /** Intent recorded, `run` called; its outcome is not recorded. */
+  started: 'started',
+  done: 'done',
+  /** Confirmed by `reconcile` after its outcome went unrecorded. */
+  reconciled: 'reconciled',
+  failed: 'failed',
+  /** Started, then neither key support nor `reconcile` can tell whether it happened. */
+  unknown: 'unknown',
+  notApplied: 'not_applied',
+  compensating: 'compensating',
+  compensated: 'compensated',
+  compensationFailed: 'compensation_failed',
+} as const;
+export type EffectStatus = (typeof EffectStatus)[keyof typeof EffectStatus];
+
+/** Who holds a run. The epoch lives on the run itself and only grows, so a released lease keeps it. */
+export type Lease = { owner: string; expiresAt: number; pid: number; host: string };
+
+export type RunRecord = {
+  id: string;
+  workflow: string;
+  version: number;
+  fingerprint: string;
+  /** JSON of the workflow's graph shape when the run started (or was last migrated). */
+  graph: string;
+  /** The file the workflow was loaded from, for `resume --all`. */
+  module: string | null;
+  status: RunStatus;
+  /** Encoded input, as given to `start`. */
+  input: string;
+  /** The step to execute next; null once the run has ended. */
+  cursor: string | null;
+  /** Failed attempts of the cursor's step so far (crashes do not count). */
+  cursorAttempts: number;
+  /** Step executions so far, retries not counted. */
+  stepCount: number;
+  /** The newest checkpoint's sequence number. */
+  seq: number;
+  /** The sequence number of the newest full snapshot. */
+  snapshotSeq: number;
+  /** Encoded size of the newest snapshot, and what patches added since. */
+  snapshotBytes: number;
+  patchBytes: number;
+  patchCount: number;
+  error: string | null;
+  options: string;
+  /** Raised by every claim; each write names the epoch it was made under. */
+  epoch: number;
+  lease: Lease | null;
+  createdAt: number;
+  updatedAt: number;
+  endedAt: number | null;
+};
+
+export type RunUpdate = Partial<
+  Pick<
+    RunRecord,
+    | 'status'
+    | 'cursor'
+    | 'cursorAttempts'
+    | 'stepCount'
+    | 'seq'
+    | 'snapshotSeq'
+    | 'snapshotBytes'
+    | 'patchBytes'
+    | 'patchCount'
+    | 'error'
+    | 'endedAt'
+    | 'version'
+    | 'fingerprint'
+    | 'graph'
+    | 'module'
+  >
+> & { lease?: null; leaseExpiresAt?: number };
+
+export type CheckpointRecord = {
+  runId: string;
+  seq: number;
+  kind: 'snapshot' | 'patch';
+  /** The step whose milestone wrote it. */
+  step: string | null;
+  data: string;
+  createdAt: number;
+};
+
+export type StepRecord = {
+  runId: string;
+  /** 1 for the run's first step execution, and so on. */
+  index: number;
+  name: string;
+  status: 'completed' | 'failed';
+  attempts: number;
+  /** Where the run went next. */
+  next: string | null;
+  startedAt: number;
+  endedAt: number;
+  error: string | null;
+};
+
+export type EffectRecord = {
+  runId: string;
+  /** The key as the workflow computed it; unique within the run. */
+  key: string;
+  name: string;
+  /** The step that ran it: the effect step itself, or the step that called `ctx.effect`. */
+  step: string;
+  status: EffectStatus;
+  result: string | null;
+  error: string | null;
+  attempts: number;
+  startedAt: number;
+  completedAt: number | null;
+  /** Position in the order of completion, which rollback reverses. */
+  completionOrder: number | null;
+  compensationAttempts: number;
+  compensatedAt: number | null;
+};
+
+/** What one milestone writes. */
+export type Milestone = {
+  run?: RunUpdate;
+  checkpoint?: CheckpointRecord;
+  step?: StepRecord;
+  effect?: EffectRecord;
+};
+
+export type RunFilter = {
+  status?: RunStatus | readonly RunStatus[];
+  workflow?: string;
+  limit?: number;
+};
+
+/** Test seams: `inside` runs within the transaction, after the run row is written. */
+export type CommitHooks = { inside?: () => void };
+
+export type LeaseClaim = { owner: string; pid: number; host: string; expiresAt: number };
+
+export interface Store {
+  /** Inserts a run, held by `lease` at epoch 1, with its first snapshot. */
+  createRun(run: RunRecord, snapshot: CheckpointRecord): Promise<void>;
+  getRun(id: string): Promise<RunRecord | undefined>;
+  listRuns(filter?: RunFilter): Promise<RunRecord[]>;
+  /**
+   * Takes the lease if the run's epoch is still `expectedEpoch` (compare-and-set) and returns the new
+   * epoch, or null when another claimant got there first.
+   */
+  claimLease(id: string, expectedEpoch: number, claim: LeaseClaim): Promise<number | null>;
+  /** Extends a held lease; false when the epoch moved on (the lease was lost). */
+  renewLease(id: string, epoch: number, expiresAt: number): Promise<boolean>;
+  /**
+   * Writes a milestone atomically if `epoch` is still the run's lease epoch; otherwise writes nothing
+   * and throws a `LeaseError` with code `LEASE_LOST`.
+   */
+  commit(id: string, epoch: number, milestone: Milestone, hooks?: CommitHooks): Promise<void>;
+  /** The checkpoints with `seq >= fromSeq`, in order. */
+  loadCheckpoints(id: string, fromSeq: number): Promise<CheckpointRecord[]>;
+  listSteps(id: string): Promise<StepRecord[]>;
+  listEffects(id: string): Promise<EffectRecord[]>;
+  getEffect(id: string, key: string): Promise<EffectRecord | undefined>;
+  close(): Promise<void>;
+}

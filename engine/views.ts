@@ -1,0 +1,212 @@
+/** Read models of a run for `get`, `list` and `resume --plan`: what a person or a script looks at. */
+import { decode } from './codec.ts';
+import type { AnyWorkflow } from './deps.ts';
+import type { SerializedError } from './errors.ts';
+import {
+  EffectStatus,
+  RunStatus,
+  type EffectRecord,
+  type RunRecord,
+  type StepRecord,
+} from './store.ts';
+import { checkVersion } from './versioning.ts';
+
+export type RunSummary = {
+  id: string;
+  workflow: string;
+  version: number;
+  status: RunStatus;
+  cursor: string | null;
+  /** Step executions completed. */
+  stepCount: number;
+  /** A live process holds the run now. */
+  live: boolean;
+  error: SerializedError | null;
+  createdAt: number;
+  updatedAt: number;
+  endedAt: number | null;
+};
+
+export type StepView = {
+  index: number;
+  name: string;
+  status: 'completed' | 'failed' | 'running' | 'interrupted';
+  attempts: number;
+  next: string | null;
+  startedAt: number | null;
+  endedAt: number | null;
+  durationMs: number | null;
+  error: SerializedError | null;
+};
+
+export type EffectView = {
+  name: string;
+  key: string;
+  step: string;
+  status: EffectStatus;
+  attempts: number;
+  result: unknown;
+  error: SerializedError | null;
+  startedAt: number;
+  completedAt: number | null;
+  compensationAttempts: number;
+  compensatedAt: number | null;
+};
+
+export type RunView = RunSummary & {
+  module: string | null;
+  input: unknown;
+  state: unknown;
+  lease: { owner: string; pid: number; host: string; expiresAt: number } | null;
+  steps: StepView[];
+  effects: EffectView[];
+};
+
+const parseError = (text: string | null) => (text ? (JSON.parse(text) as SerializedError) : null);
+
+export function viewRun(
+  run: RunRecord,
+  state: unknown,
+  steps: StepRecord[],
+  effects: EffectRecord[],
+  { live }: { live: boolean },
+): RunView {
+  const stepViews: StepView[] = steps.map((s) => ({
+    index: s.index,
+    name: s.name,
+    status: s.status,
+    attempts: s.attempts,
+    next: s.next,
+    startedAt: s.startedAt,
+    endedAt: s.endedAt,
+    durationMs: s.endedAt - s.startedAt,
+    error: parseError(s.error),
+  }));
+  const inProgress =
+    run.cursor !== null && (run.status === RunStatus.running || run.status === RunStatus.waiting);
+  if (inProgress) {
+    stepViews.push({
+      index: run.stepCount + 1,
+      name: run.cursor!,
+      status: live ? 'running' : 'interrupted',
+      attempts: run.cursorAttempts + 1,
+      next: null,
+      startedAt: null,
+      endedAt: null,
+      durationMs: null,
+      error: null,
+    });
+  }
+  return {
+    id: run.id,
+    workflow: run.workflow,
+    version: run.version,
+    status: run.status,
+    cursor: run.cursor,
+    steps: stepViews,
+    stepCount: run.stepCount,
+    live,
+    error: parseError(run.error),
+    createdAt: run.createdAt,
+    updatedAt: run.updatedAt,
+    endedAt: run.endedAt,
+    module: run.module,
+    input: decode(run.input),
+    state,
+    lease: run.lease,
+    effects: effects.map((e) => ({
+      name: e.name,
+      key: e.key,
+      step: e.step,
+      status: e.status,
+      attempts: e.attempts,
+      result: e.result === null ? null : decode(e.result),
+      error: parseError(e.error),
+      startedAt: e.startedAt,
+      completedAt: e.completedAt,
+      compensationAttempts: e.compensationAttempts,
+      compensatedAt: e.compensatedAt,
+    })),
+  };
+}
+
+export type ResumePlan = {
+  runId: string;
+  workflow: string;
+  status: RunStatus;
+  /** Whether `resume` would proceed now, and if not, why. */
+  resumable: boolean;
+  reason: string | null;
+  /** The step execution restarts at (null when nothing is left to run). */
+  restartAt: string | null;
+  completedSteps: string[];
+  /** Effects whose recorded result will be returned instead of running them. */
+  reused: { name: string; key: string }[];
+  /** Effects whose outcome was not recorded and will be run again with the same key. */
+  rerun: { name: string; key: string }[];
+  /** Effects whose outcome will be asked of reconcile() first. */
+  reconcile: { name: string; key: string }[];
+  /** Effects that will stop the run: outcome unknown. */
+  unknown: { name: string; key: string }[];
+};
+
+export function planResume(
+  run: RunRecord,
+  wf: AnyWorkflow | undefined,
+  steps: StepRecord[],
+  effects: EffectRecord[],
+  context: { now: number; live: boolean; allowVersionChange: boolean },
+): ResumePlan {
+  const pick = (e: EffectRecord) => ({ name: e.name, key: e.key });
+  const handlers = (name: string) => {
+    const node = wf?.node(name);
+    return node?.kind === 'effect' ? node.effect : wf?.compensations.get(name);
+  };
+  const inFlight = effects.filter(
+    (e) => e.status === EffectStatus.started || e.status === EffectStatus.failed,
+  );
+  const plan: ResumePlan = {
+    runId: run.id,
+    workflow: run.workflow,
+    status: run.status,
+    resumable: true,
+    reason: null,
+    restartAt: run.cursor,
+    completedSteps: steps.filter((s) => s.status === 'completed').map((s) => s.name),
+    reused: effects
+      .filter((e) => e.status === EffectStatus.done || e.status === EffectStatus.reconciled)
+      .map(pick),
+    rerun: inFlight
+      .filter((e) => !handlers(e.name)?.reconcile && handlers(e.name)?.idempotent !== false)
+      .map(pick),
+    reconcile: inFlight.filter((e) => handlers(e.name)?.reconcile).map(pick),
+    unknown: effects
+      .filter(
+        (e) =>
+          e.status === EffectStatus.unknown ||
+          (e.status === EffectStatus.started &&
+            handlers(e.name)?.idempotent === false &&
+            !handlers(e.name)?.reconcile),
+      )
+      .map(pick),
+  };
+  const refuse = (reason: string) => Object.assign(plan, { resumable: false, reason });
+  if (
+    run.status !== RunStatus.running &&
+    run.status !== RunStatus.failed &&
+    run.status !== RunStatus.compensating
+  ) {
+    refuse(`the run is ${run.status}`);
+  } else if (context.live) {
+    refuse(`process ${run.lease?.pid} on ${run.lease?.host} holds the run`);
+  } else if (!wf) {
+    refuse(`the definition of workflow "${run.workflow}" could not be loaded`);
+  } else {
+    try {
+      checkVersion(run, wf, context.allowVersionChange);
+    } catch (error) {
+      refuse((error as Error).message.split('\n')[0]!);
+    }
+  }
+  return plan;
+}
