@@ -6,6 +6,8 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: 'forks',
+    reporters: ['default', 'json'],
+    outputFile: { json: '.ci/out/vitest.json' },
     typecheck: { enabled: true, include: ['tests/**/*.test-d.ts'] },
   },
 });
