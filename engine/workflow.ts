@@ -237,12 +237,19 @@ export class Workflow<S, Names extends string = never, Pending extends string = 
 
   /** The step that follows `from` when no route is declared, or END after the last one. */
   nextInOrder(from: string): string {
-    const index = this.nodes.findIndex((n) => n.name === from);
+    const index = this.index().get(from)?.position ?? this.nodes.length;
     return this.nodes[index + 1]?.name ?? END;
   }
 
   node(name: string): GraphNode | undefined {
-    return this.nodes.find((n) => n.name === name);
+    return this.index().get(name)?.node;
+  }
+
+  private lookup: Map<string, { node: GraphNode; position: number }> | undefined;
+
+  private index(): Map<string, { node: GraphNode; position: number }> {
+    this.lookup ??= new Map(this.nodes.map((node, position) => [node.name, { node, position }]));
+    return this.lookup;
   }
 
   shape(): GraphShape {

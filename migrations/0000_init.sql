@@ -27,15 +27,21 @@ CREATE TABLE `effects` (
 	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
 );
 --> statement-breakpoint
+CREATE TABLE `run_specs` (
+	`run_id` text PRIMARY KEY NOT NULL,
+	`graph` text NOT NULL,
+	`input` text NOT NULL,
+	`options` text DEFAULT '{}' NOT NULL,
+	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
+);
+--> statement-breakpoint
 CREATE TABLE `runs` (
 	`id` text PRIMARY KEY NOT NULL,
 	`workflow` text NOT NULL,
 	`version` integer NOT NULL,
 	`fingerprint` text NOT NULL,
-	`graph` text NOT NULL,
 	`module` text,
 	`status` text NOT NULL,
-	`input` text NOT NULL,
 	`cursor` text,
 	`cursor_attempts` integer DEFAULT 0 NOT NULL,
 	`step_count` integer DEFAULT 0 NOT NULL,
@@ -45,7 +51,6 @@ CREATE TABLE `runs` (
 	`patch_bytes` integer DEFAULT 0 NOT NULL,
 	`patch_count` integer DEFAULT 0 NOT NULL,
 	`error` text,
-	`options` text DEFAULT '{}' NOT NULL,
 	`epoch` integer DEFAULT 1 NOT NULL,
 	`lease_owner` text,
 	`lease_pid` integer,
@@ -56,7 +61,7 @@ CREATE TABLE `runs` (
 	`ended_at` integer
 );
 --> statement-breakpoint
-CREATE INDEX `runs_status_idx` ON `runs` (`status`,`updated_at`);--> statement-breakpoint
+CREATE INDEX `runs_status_idx` ON `runs` (`status`);--> statement-breakpoint
 CREATE INDEX `runs_workflow_idx` ON `runs` (`workflow`,`created_at`);--> statement-breakpoint
 CREATE TABLE `steps` (
 	`id` integer PRIMARY KEY AUTOINCREMENT NOT NULL,

@@ -15,10 +15,8 @@ export const runs = sqliteTable(
     workflow: text('workflow').notNull(),
     version: integer('version').notNull(),
     fingerprint: text('fingerprint').notNull(),
-    graph: text('graph').notNull(),
     module: text('module'),
     status: text('status').notNull(),
-    input: text('input').notNull(),
     cursor: text('cursor'),
     cursorAttempts: integer('cursor_attempts').notNull().default(0),
     stepCount: integer('step_count').notNull().default(0),
@@ -28,7 +26,6 @@ export const runs = sqliteTable(
     patchBytes: integer('patch_bytes').notNull().default(0),
     patchCount: integer('patch_count').notNull().default(0),
     error: text('error'),
-    options: text('options').notNull().default('{}'),
     epoch: integer('epoch').notNull().default(1),
     leaseOwner: text('lease_owner'),
     leasePid: integer('lease_pid'),
@@ -39,10 +36,24 @@ export const runs = sqliteTable(
     endedAt: integer('ended_at'),
   },
   (t) => [
-    index('runs_status_idx').on(t.status, t.updatedAt),
+    index('runs_status_idx').on(t.status),
     index('runs_workflow_idx').on(t.workflow, t.createdAt),
   ],
 );
+
+/**
+ * What a run was started with. Kept apart from `runs` because SQLite rewrites a whole row on every
+ * update, and `runs` is updated at every milestone while these never change (the graph only on an
+ * explicit version change).
+ */
+export const runSpecs = sqliteTable('run_specs', {
+  runId: text('run_id')
+    .primaryKey()
+    .references(() => runs.id),
+  graph: text('graph').notNull(),
+  input: text('input').notNull(),
+  options: text('options').notNull().default('{}'),
+});
 
 export const checkpoints = sqliteTable(
   'checkpoints',

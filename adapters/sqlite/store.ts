@@ -7,7 +7,7 @@
  * and reused; the run update is prepared per set of columns it touches.
  */
 import type Database from 'better-sqlite3';
-import { and, asc, desc, eq, gte, inArray, sql, type SQL } from 'drizzle-orm';
+import { and, asc, desc, eq, getTableColumns, gte, inArray, sql, type SQL } from 'drizzle-orm';
 import { drizzle, type BetterSQLite3Database } from 'drizzle-orm/better-sqlite3';
 import { LeaseError } from '../../engine/errors.ts';
 import type {
@@ -27,8 +27,14 @@ import type {
 import { openDatabase, translate, type SqliteOptions } from './open.ts';
 import * as schema from './schema.ts';
 
-const { runs, checkpoints, steps, effects } = schema;
-type RunRow = typeof runs.$inferSelect;
+const { runs, runSpecs, checkpoints, steps, effects } = schema;
+type RunRow = typeof runs.$inferSelect & Omit<typeof runSpecs.$inferSelect, 'runId'>;
+const RUN_SELECTION = {
+  ...getTableColumns(runs),
+  graph: runSpecs.graph,
+  input: runSpecs.input,
+  options: runSpecs.options,
+};
 
 const RUN_COLUMNS: Record<string, string> = {
   status: 'status',
@@ -44,7 +50,6 @@ const RUN_COLUMNS: Record<string, string> = {
   endedAt: 'ended_at',
   version: 'version',
   fingerprint: 'fingerprint',
-  graph: 'graph',
   module: 'module',
   leaseExpiresAt: 'lease_expires_at',
 };
@@ -80,6 +85,7 @@ export class SqliteStore implements Store {
       releaseLease: p(
         'UPDATE runs SET lease_owner = NULL, lease_pid = NULL, lease_host = NULL, lease_expires_at = NULL WHERE id = ?',
       ),
+      updateGraph: p('UPDATE run_specs SET graph = ? WHERE run_id = ?'),
       renewLease: p(
         'UPDATE runs SET lease_expires_at = ? WHERE id = ? AND epoch = ? AND lease_owner IS NOT NULL',
       ),
@@ -88,6 +94,8 @@ export class SqliteStore implements Store {
       (id: string, epoch: number, milestone: Milestone, now: number, hooks?: CommitHooks) => {
         const changed = this.updateRun(id, epoch, milestone.run ?? {}, now);
         if (changed === 0) throw leaseLost(id, epoch);
+        if (milestone.run?.graph !== undefined)
+          this.statements.updateGraph.run(milestone.run.graph, id);
         hooks?.inside?.();
         if (milestone.checkpoint) this.insertCheckpoint(milestone.checkpoint);
         if (milestone.step) this.insertStep(milestone.step);
@@ -101,7 +109,9 @@ export class SqliteStore implements Store {
     this.guard(() =>
       this.sqlite
         .transaction(() => {
-          this.db.insert(runs).values(toRow(run)).run();
+          const { graph, input, options, ...row } = toRow(run);
+          this.db.insert(runs).values(row).run();
+          this.db.insert(runSpecs).values({ runId: run.id, graph, input, options }).run();
           this.insertCheckpoint(snapshot);
         })
         .immediate(),
@@ -109,7 +119,7 @@ export class SqliteStore implements Store {
   }
 
   async getRun(id: string): Promise<RunRecord | undefined> {
-    const row = this.guard(() => this.db.select().from(runs).where(eq(runs.id, id)).get());
+    const row = this.guard(() => this.selectRuns().where(eq(runs.id, id)).get());
     return row && fromRow(row);
   }
 
@@ -123,15 +133,20 @@ export class SqliteStore implements Store {
     }
     if (filter.workflow !== undefined) conditions.push(eq(runs.workflow, filter.workflow));
     const rows = this.guard(() =>
-      this.db
-        .select()
-        .from(runs)
+      this.selectRuns()
         .where(conditions.length ? and(...conditions) : undefined)
         .orderBy(desc(runs.createdAt), desc(runs.id))
         .limit(filter.limit ?? -1)
         .all(),
     );
     return rows.map(fromRow);
+  }
+
+  private selectRuns() {
+    return this.db
+      .select(RUN_SELECTION)
+      .from(runs)
+      .innerJoin(runSpecs, eq(runSpecs.runId, runs.id));
   }
 
   async claimLease(id: string, expectedEpoch: number, claim: LeaseClaim): Promise<number | null> {
@@ -283,7 +298,9 @@ function leaseLost(id: string, epoch: number): LeaseError {
   );
 }
 
-function toRow(run: RunRecord): typeof runs.$inferInsert {
+function toRow(
+  run: RunRecord,
+): typeof runs.$inferInsert & Omit<typeof runSpecs.$inferInsert, 'runId'> {
   const { lease, ...rest } = run;
   return {
     ...rest,
