@@ -25,12 +25,12 @@ const sync = values.sync === 'FULL' ? 'FULL' : 'NORMAL';
 const dir = mkdtempSync(join(tmpdir(), 'keel-bench-'));
 
 type S = { i: number; note: string };
-let wf = workflow<S>('bench', { version: 1 }) as unknown as ReturnType<typeof workflow<S>>;
+let wf = workflow<S>('bench', { version: 1 });
 for (let i = 0; i < steps; i++) {
   wf = wf.step(`s${i}`, (state) => {
     state.i += 1;
     state.note = `step ${state.i}`;
-  }) as unknown as typeof wf;
+  });
 }
 
 async function keelRun(rep: number): Promise<{ usPerStep: number; bytesPerStep: number }> {
