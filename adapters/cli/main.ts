@@ -10,6 +10,7 @@ import type { Engine, RunResult } from '../../engine/engine.ts';
 import { ErrorCode, InputError, isKeelError, serializeError } from '../../engine/errors.ts';
 import { RunStatus } from '../../engine/store.ts';
 import { DEFAULT_DB, openEngine } from '../index.ts';
+import { consoleLogger, parseLogLevel } from '../console-logger.ts';
 import { loadWorkflow } from '../loader.ts';
 import { formatList, formatPlan, formatRun } from './format.ts';
 import { createProgress, type Progress } from './progress.ts';
@@ -50,6 +51,10 @@ class Cli {
     const progress = this.progress;
     this.engine = openEngine({
       db,
+      logger: consoleLogger({
+        level: parseLogLevel(process.env.KEEL_LOG),
+        before: () => progress.clear(),
+      }),
       ...(this.options.synchronous ? { synchronous: this.options.synchronous } : {}),
       onEvent: (event) => progress.onEvent(event),
     });

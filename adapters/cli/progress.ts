@@ -6,13 +6,15 @@ import type { RunEvent } from '../../engine/deps.ts';
 
 export interface Progress {
   onEvent(event: RunEvent): void;
+  /** Clears the live line so that another line can be written. */
+  clear(): void;
   stop(): void;
 }
 
 const FRAMES = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 export function createProgress(stream: NodeJS.WriteStream, enabled: boolean): Progress {
-  if (!enabled) return { onEvent() {}, stop() {} };
+  if (!enabled) return { onEvent() {}, clear() {}, stop() {} };
   return stream.isTTY ? liveProgress(stream) : lineProgress(stream);
 }
 
@@ -60,6 +62,7 @@ function lineProgress(stream: NodeJS.WriteStream): Progress {
           break;
       }
     },
+    clear() {},
     stop() {},
   };
 }
@@ -90,6 +93,9 @@ function liveProgress(stream: NodeJS.WriteStream): Progress {
         note = `applied ${event.effect}`;
       }
       draw();
+    },
+    clear() {
+      stream.write('\r\x1b[2K');
     },
     stop() {
       clearInterval(timer);

@@ -50,7 +50,11 @@ export function openDatabase(path: string, options: SqliteOptions = {}): Databas
 function prepareFile(file: string): void {
   const folder = dirname(file);
   if (!existsSync(folder)) mkdirSync(folder, { recursive: true, mode: 0o700 });
-  if (!existsSync(file)) return;
+  if (!existsSync(file)) {
+    // Prompts, completions and state are stored in plain text: the file is its owner's alone.
+    closeSync(openSync(file, 'a', 0o600));
+    return;
+  }
   const stats = statSync(file);
   if (stats.isDirectory()) {
     throw new DatabaseError(`${file} is a folder, not a database file.`, {
