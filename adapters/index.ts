@@ -7,6 +7,7 @@
  * const result = await engine.start(myWorkflow, { topic: 'leases' });
  */
 import { Engine, type EngineOptions } from '../engine/engine.ts';
+import { InputError } from '../engine/errors.ts';
 import { crashPointsFromEnv } from './crash-points.ts';
 import { localHost } from './host.ts';
 import { loadFromRecordedModule } from './loader.ts';
@@ -31,14 +32,30 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
   const { db, synchronous, busyTimeoutMs, migrationsFolder, ...engineOptions } = options;
   const sqlite: SqliteOptions = {};
   if (synchronous) sqlite.synchronous = synchronous;
-  if (busyTimeoutMs !== undefined) sqlite.busyTimeoutMs = busyTimeoutMs;
+  const busy = busyTimeoutMs ?? envMs('KEEL_BUSY_TIMEOUT_MS');
+  if (busy !== undefined) sqlite.busyTimeoutMs = busy;
   if (migrationsFolder) sqlite.migrationsFolder = migrationsFolder;
   const store = openSqliteStore(db ?? process.env.KEEL_DB ?? DEFAULT_DB, sqlite);
+  const leaseMs = envMs('KEEL_LEASE_MS');
   return new Engine({
     loadWorkflow: loadFromRecordedModule,
     crashPoint: crashPointsFromEnv(),
+    ...(leaseMs !== undefined ? { leaseMs } : {}),
     ...engineOptions,
     store,
     host: localHost,
   });
+}
+
+/** A duration in milliseconds from the environment, refusing nonsense instead of ignoring it. */
+function envMs(name: string): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value <= 0) {
+    throw new InputError(`${name}=${raw} is not a positive number of milliseconds.`, {
+      hint: `Unset it, or set it to e.g. ${name}=30000.`,
+    });
+  }
+  return value;
 }
