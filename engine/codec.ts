@@ -131,8 +131,13 @@ function fromTagged(node: unknown): unknown {
       return new Map((v as [unknown, unknown][]).map(([k, e]) => [fromTagged(k), fromTagged(e)]));
     case 'S':
       return new Set((v as unknown[]).map(fromTagged));
-    case 'O':
-      return fromTagged(v);
+    case 'O': {
+      // A plain object that has a `$` key of its own: decode its fields, never the object itself
+      // as a tag (its `$` is data, e.g. `{ $: 'D', v: 5 }` is not a Date).
+      const fields = v as Record<string, unknown>;
+      for (const key of Object.keys(fields)) fields[key] = fromTagged(fields[key]);
+      return fields;
+    }
     default:
       throw new StateError(
         `Stored value has an unknown tag "${tag}": it was written by a newer keel.`,

@@ -17,6 +17,7 @@ import {
   EffectOutcomeUnknownError,
   StateError,
   StepFailedError,
+  isTerminalError,
   serializeError,
 } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
@@ -140,7 +141,7 @@ export async function performEffect(
           };
         }
       }
-      if (attempt >= retry.attempts) {
+      if (attempt >= retry.attempts || isTerminalError(error)) {
         await held.commit({ effect: { ...failed, status: EffectStatus.failed } }, 'effect-record');
         throw new StepFailedError(
           `Effect "${call.name}" (key "${call.key}") failed after ${attempts} attempt(s).`,

@@ -21,7 +21,8 @@ export const ErrorCode = {
   compensation: 'COMPENSATION_FAILED',
   cancelled: 'CANCELLED',
   database: 'DATABASE',
-  user: 'USER_ERROR',
+  terminal: 'TERMINAL',
+  staleState: 'STALE_STATE',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -84,6 +85,19 @@ export class LeaseError extends KeelError {
   }
 }
 
+/**
+ * Thrown by a step, an effect or a compensation to say that trying again cannot help (a rejected
+ * request, an edited file): keel skips the remaining attempts.
+ * @example
+ * if (response.status === 400) throw new TerminalError(`the API rejected the post: ${await response.text()}`);
+ */
+export class TerminalError extends KeelError {
+  override name = 'TerminalError';
+  constructor(message: string, options?: KeelErrorOptions) {
+    super(ErrorCode.terminal, message, options);
+  }
+}
+
 /** A step ran out of attempts; `cause` is the last error the step threw. */
 export class StepFailedError extends KeelError {
   override name = 'StepFailedError';
@@ -135,6 +149,7 @@ export const isDefinitionError = isNamed<DefinitionError>('DefinitionError');
 export const isInputError = isNamed<InputError>('InputError');
 export const isStateError = isNamed<StateError>('StateError');
 export const isLeaseError = isNamed<LeaseError>('LeaseError');
+export const isTerminalError = isNamed<TerminalError>('TerminalError');
 export const isStepFailedError = isNamed<StepFailedError>('StepFailedError');
 export const isCompensationError = isNamed<CompensationError>('CompensationError');
 export const isDatabaseError = isNamed<DatabaseError>('DatabaseError');

@@ -9,7 +9,7 @@
 import { decode } from './codec.ts';
 import type { EngineDeps } from './deps.ts';
 import { performEffect, retryPolicy } from './effects.ts';
-import { CompensationError, isLeaseError, serializeError } from './errors.ts';
+import { CompensationError, isLeaseError, isTerminalError, serializeError } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { EffectStatus, RunStatus, type EffectRecord } from './store.ts';
 import { backoffMs } from './time.ts';
@@ -132,7 +132,7 @@ async function compensateOne(
         compensationAttempts: attempts,
         error: JSON.stringify(serializeError(error)),
       };
-      if (attempt >= policy.attempts) {
+      if (attempt >= policy.attempts || isTerminalError(error)) {
         await held.commit({ effect: failed }, 'compensation-record');
         throw error;
       }

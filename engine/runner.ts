@@ -16,7 +16,9 @@ import {
   isEffectOutcomeUnknownError,
   isLeaseError,
   isStateError,
+  isTerminalError,
   serializeError,
+  StateError,
 } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { rollbackHeld } from './rollback.ts';
@@ -108,9 +110,10 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
       tracker.adopt(next, false);
       deps.emit({ type: 'step-completed', runId: held.id, step: node.name, index, next: target });
       return;
-    } catch (error) {
+    } catch (thrown) {
       tracker.restart(false);
-      if (held.signal.aborted || isLeaseError(error)) throw held.signal.reason ?? error;
+      if (held.signal.aborted || isLeaseError(thrown)) throw held.signal.reason ?? thrown;
+      const error = explainStale(thrown, node.name, held.id);
       if (!isRetryable(error) || attempt >= policy.attempts) {
         await fail(ex, node.name, error, attempt, startedAt);
         return;
@@ -329,8 +332,33 @@ async function fail(
   if (rollback) await rollbackHeld(deps, held, ex.tracker.base);
 }
 
-function isRetryable(error: unknown): boolean {
-  return !(isStateError(error) || isDefinitionError(error) || isEffectOutcomeUnknownError(error));
+/** Errors that another attempt of the same code on the same state would only repeat. */
+export function isRetryable(error: unknown): boolean {
+  return !(
+    isStateError(error) ||
+    isDefinitionError(error) ||
+    isEffectOutcomeUnknownError(error) ||
+    isTerminalError(error)
+  );
+}
+
+/**
+ * immer revokes a draft's proxies when a milestone finishes it: a value read from `state` before
+ * `ctx.checkpoint()` or `ctx.effect()` and used after it throws a bare TypeError. Name the mistake,
+ * and do not retry it (a retry from the checkpoint would only hide it on short inputs).
+ */
+function explainStale(error: unknown, step: string, runId: string): unknown {
+  if (!(error instanceof TypeError) || !/revoked/.test(error.message)) return error;
+  return new StateError(
+    `Step "${step}" used a value it read from \`state\` before a checkpoint, after the checkpoint.`,
+    {
+      code: ErrorCode.staleState,
+      runId,
+      step,
+      cause: error,
+      hint: 'ctx.checkpoint() and ctx.effect() commit the draft and start a new one: read objects and arrays from `state` again after them (primitives are fine), e.g. `state.items.push(x)` rather than a saved `items.push(x)`.',
+    },
+  );
 }
 
 function stepRecord(

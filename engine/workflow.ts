@@ -84,7 +84,8 @@ export interface StepContext<S = unknown> {
   /**
    * Commits the state as it stands. After a crash, the step runs again from its start, with the state
    * of its last checkpoint, so a loop that records its progress in the state resumes where it was.
-   * Re-read nested objects from `state` after a checkpoint: references taken before it are stale.
+   * Re-read objects and arrays from `state` after a checkpoint (or an effect): references taken
+   * before it are stale, and using one fails the step with code `STALE_STATE`.
    */
   checkpoint(): Promise<void>;
   /**

@@ -1,0 +1,386 @@
+/**
+ * The text functions of the `brief` workflow: Markdown to passages, passages to sentences, and the
+ * overlap scores that rank them. All of them are pure (no I/O, no clock, no randomness), so the
+ * same documents and topic give the same brief on every run, which keeps the publish key stable.
+ */
+import { createHash } from 'node:crypto';
+
+/** A paragraph (or list item) of a Markdown file, with where it came from. */
+export type Passage = {
+  /** Path relative to the docs folder, with `/` separators. */
+  file: string;
+  /** The nearest heading above it; empty before the first heading. */
+  heading: string;
+  /** 1-based line of its first line. */
+  line: number;
+  /** Its text without Markdown markup; one source line per `\n`, so sentences can be located. */
+  text: string;
+  /** Distinct topic terms it contains. */
+  score: number;
+};
+
+/** A sentence taken from a passage, scored against the topic, with its citation. */
+export type Finding = {
+  text: string;
+  file: string;
+  line: number;
+  heading: string;
+  score: number;
+  /** Its position within its passage, to order sentences that share a line. */
+  seq: number;
+};
+
+/** The plain statement of how the brief was produced; every brief carries it. */
+export const METHOD_LINE =
+  'This brief was produced offline by an extractive method: sentences from the documents were ' +
+  "ranked by how many of the topic's terms they share, and no language model was used.";
+
+/** Findings more alike than this (Jaccard similarity of their token sets) count as one. */
+export const DUPLICATE_THRESHOLD = 0.8;
+
+/** Sentences shorter than this many words are headings or fragments, not findings. */
+const MIN_SENTENCE_WORDS = 4;
+
+const STOPWORDS = new Set(
+  (
+    'a about after all also an and any are as at be been before being but by can could did do ' +
+    'does doing done down each every for from had has have he her here him his how i if in into ' +
+    'is it its just may me might more most must my no not of off on one only onto or other our ' +
+    'out over own same she should so some such than that the their them then there these they ' +
+    'this those to too under up us very was we were what when where which while who whom whose ' +
+    'why will with would you your'
+  ).split(' '),
+);
+
+/** Whether the stem left after removing a suffix still has a vowel, i.e. is still a word. */
+const hasVowel = (stem: string) => /[aeiouy]/.test(stem);
+
+/** "stopp" -> "stop", but "call" and "pass" keep their double letter, as does a short stem. */
+function undouble(stem: string): string {
+  const last = stem.at(-1);
+  const doubled = last !== undefined && last === stem.at(-2) && !'aeiouylsz'.includes(last);
+  return doubled && stem.length > 3 ? stem.slice(0, -1) : stem;
+}
+
+/**
+ * Light suffix stripping, enough for "resumes", "resumed" and "resuming" to meet "resume". It is
+ * not a real stemmer: it only needs to be consistent, as topic and documents go through the same
+ * one.
+ */
+export function stem(word: string): string {
+  let w = word;
+  if (w.length > 4 && /ie[sd]$/.test(w)) return `${w.slice(0, -3)}y`;
+  if (w.length > 5 && w.endsWith('ing') && hasVowel(w.slice(0, -3))) {
+    w = undouble(w.slice(0, -3));
+  } else if (w.length > 4 && w.endsWith('ed') && !w.endsWith('eed') && hasVowel(w.slice(0, -2))) {
+    w = undouble(w.slice(0, -2));
+  } else if (w.length > 3 && w.endsWith('s') && !/(ss|us|is)$/.test(w)) {
+    w = w.slice(0, -1);
+  }
+  if (w.length > 4 && w.endsWith('e')) w = w.slice(0, -1);
+  return w;
+}
+
+/** Lowercased, stemmed word tokens of `text`, stopwords and one-letter words left out. */
+export function tokenize(text: string): string[] {
+  const words = text
+    .normalize('NFKD')
+    .replace(/[\u0300-\u036f]/g, '')
+    .toLowerCase()
+    .replace(/['\u2019]/g, '')
+    .split(/[^a-z0-9]+/);
+  return words.filter((w) => w.length > 1 && !STOPWORDS.has(w)).map(stem);
+}
+
+/** The distinct terms of a topic, in order of first appearance. */
+export function topicTerms(topic: string): string[] {
+  return [...new Set(tokenize(topic))];
+}
+
+/** How many of `terms` occur among `tokens`, each counted once. */
+export function overlap(tokens: readonly string[], terms: readonly string[]): number {
+  const present = new Set(tokens);
+  return terms.filter((t) => present.has(t)).length;
+}
+
+/** |A ∩ B| / |A ∪ B| of two token lists taken as sets; two empty lists are identical (1). */
+export function jaccard(a: readonly string[], b: readonly string[]): number {
+  const left = new Set(a);
+  const right = new Set(b);
+  let shared = 0;
+  for (const token of left) if (right.has(token)) shared += 1;
+  const union = left.size + right.size - shared;
+  return union === 0 ? 1 : shared / union;
+}
+
+/** A file-name-safe form of `text`: lowercase ASCII words joined by "-", at most 60 characters. */
+export function slug(text: string): string {
+  const words = text
+    .normalize('NFKD')
+    .replace(/[\u0300-\u036f]/g, '')
+    .toLowerCase()
+    .replace(/['\u2019]/g, '')
+    .split(/[^a-z0-9]+/)
+    .filter(Boolean);
+  let out = '';
+  for (const word of words) {
+    const next = out ? `${out}-${word}` : word;
+    if (next.length > 60) break;
+    out = next;
+  }
+  // A first word longer than the limit would otherwise leave nothing.
+  return out || words[0]?.slice(0, 60) || 'brief';
+}
+
+/** The sha256 of `content` in hex, cut to `length` characters when given. */
+export function sha256(content: string | Uint8Array, length?: number): string {
+  const hex = createHash('sha256').update(content).digest('hex');
+  return length === undefined ? hex : hex.slice(0, length);
+}
+
+/**
+ * Removes inline Markdown (links, images, code spans, emphasis, HTML tags) from one line. Code spans
+ * keep their text verbatim: `brief-<slug>.md` must not lose `<slug>` as if it were a tag.
+ */
+export function stripInline(line: string): string {
+  const code: string[] = [];
+  const prose = line.replace(/(`+)(.*?)\1/g, (_m, _ticks, text: string) => {
+    code.push(text.trim());
+    return `\uE000${code.length - 1}\uE000`;
+  });
+  return prose
+    .replace(/<!--.*?-->/g, '')
+    .replace(/!\[([^\]]*)\]\([^)]*\)/g, '$1')
+    .replace(/\[([^\]]+)\]\([^)]*\)/g, '$1')
+    .replace(/\[([^\]]+)\]\[[^\]]*\]/g, '$1')
+    .replace(/<(https?:\/\/[^>]+)>/g, '$1')
+    .replace(/<\/?[a-zA-Z][^>]*>/g, '')
+    .replace(/(\*\*|__)(?=\S)(.+?)(?<=\S)\1/g, '$2')
+    .replace(/\*(?=\S)([^*]+?)(?<=\S)\*/g, '$1')
+    .replace(/\uE000(\d+)\uE000/g, (_m, i: string) => code[Number(i)] ?? '')
+    .replace(/\s+/g, ' ')
+    .trim();
+}
+
+const FENCE = /^\s{0,3}(```|~~~)/;
+const ATX_HEADING = /^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$/;
+const SETEXT_UNDERLINE = /^\s{0,3}(=+|-+)\s*$/;
+const THEMATIC_BREAK = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
+const LIST_ITEM = /^\s*(?:[-*+]|\d+[.)])\s+/;
+const QUOTE = /^\s*(?:>\s?)+/;
+
+/**
+ * Splits a Markdown file into passages: paragraphs, and each list item on its own. Headings become
+ * the `heading` of what follows them; code blocks, tables and front matter are not prose and are
+ * skipped. Scores are left at 0 for {@link scorePassages}.
+ */
+export function splitPassages(markdown: string, file: string): Passage[] {
+  const lines = markdown.replace(/\r\n?/g, '\n').split('\n');
+  const passages: Passage[] = [];
+  let heading = '';
+  let block: { line: number; parts: string[] } | null = null;
+  let fence: string | null = null;
+  let blankBefore = true;
+  let lastWasList = false;
+
+  const flush = () => {
+    if (block) {
+      const text = block.parts.join('\n');
+      if (/[a-zA-Z0-9]/.test(text)) {
+        passages.push({ file, heading, line: block.line, text, score: 0 });
+      }
+    }
+    block = null;
+  };
+
+  let start = 0;
+  if (lines[0]?.trim() === '---') {
+    const end = lines.indexOf('---', 1);
+    if (end > 0) start = end + 1;
+  }
+
+  for (let i = start; i < lines.length; i++) {
+    const raw = lines[i]!;
+    const lineNo = i + 1;
+    if (fence) {
+      if (raw.trim().startsWith(fence)) fence = null;
+      continue;
+    }
+    const opening = FENCE.exec(raw);
+    if (opening) {
+      flush();
+      fence = opening[1]!;
+      blankBefore = false;
+      continue;
+    }
+    if (raw.trim() === '') {
+      flush();
+      blankBefore = true;
+      continue;
+    }
+    const atx = ATX_HEADING.exec(raw);
+    if (atx) {
+      flush();
+      heading = stripInline(atx[1]!);
+      blankBefore = false;
+      lastWasList = false;
+      continue;
+    }
+    if (SETEXT_UNDERLINE.test(raw) && block?.parts.length === 1 && !lastWasList) {
+      heading = block.parts[0]!;
+      block = null;
+      blankBefore = false;
+      continue;
+    }
+    if (THEMATIC_BREAK.test(raw)) {
+      flush();
+      continue;
+    }
+    if (/^\s*\|/.test(raw)) {
+      flush();
+      continue;
+    }
+    // An indented block after a blank line is code, unless it continues a list item.
+    if (blankBefore && !lastWasList && /^( {4}|\t)/.test(raw)) continue;
+
+    const isItem = LIST_ITEM.test(raw);
+    if (isItem || blankBefore) {
+      flush();
+      lastWasList = isItem || (lastWasList && /^\s+/.test(raw));
+    }
+    const text = stripInline(raw.replace(QUOTE, '').replace(LIST_ITEM, ''));
+    if (!block) block = { line: lineNo, parts: [] };
+    block.parts.push(text);
+    blankBefore = false;
+  }
+  flush();
+  return passages;
+}
+
+/** A sentence of a passage and the offset where it starts. */
+export type Sentence = { text: string; offset: number };
+
+/**
+ * Splits text at ".", "!" or "?" followed by space and a capital letter or digit, so that "e.g. a"
+ * and "keel.db" do not end a sentence. Whitespace inside each sentence is collapsed.
+ */
+export function splitSentences(text: string): Sentence[] {
+  const sentences: Sentence[] = [];
+  const boundary = /[.!?]["')\]]*\s+(?=["'(`[]?[A-Z0-9])/g;
+  let start = 0;
+  const push = (end: number) => {
+    const piece = text.slice(start, end);
+    const lead = piece.length - piece.trimStart().length;
+    const clean = piece.replace(/\s+/g, ' ').trim();
+    if (clean) sentences.push({ text: clean, offset: start + lead });
+  };
+  for (let m = boundary.exec(text); m; m = boundary.exec(text)) {
+    const end = m.index + m[0].trimEnd().length;
+    push(end);
+    start = m.index + m[0].length;
+  }
+  push(text.length);
+  return sentences;
+}
+
+/** Scores passages by {@link overlap} with `terms`, in place, and returns them. */
+export function scorePassages(passages: Passage[], terms: readonly string[]): Passage[] {
+  for (const p of passages) p.score = overlap(tokenize(p.text), terms);
+  return passages;
+}
+
+/** Orders by source: file path, then line, then position within the passage. */
+export function bySource(
+  a: Pick<Finding, 'file' | 'line'> & { seq?: number },
+  b: Pick<Finding, 'file' | 'line'> & { seq?: number },
+): number {
+  if (a.file !== b.file) return a.file < b.file ? -1 : 1;
+  return a.line - b.line || (a.seq ?? 0) - (b.seq ?? 0);
+}
+
+/** Highest score first; equal scores keep source order, so the ranking never depends on chance. */
+export function byScore<T extends Pick<Finding, 'file' | 'line' | 'score'> & { seq?: number }>(
+  a: T,
+  b: T,
+): number {
+  return b.score - a.score || bySource(a, b);
+}
+
+/** The `max` passages that share the most terms with the topic; those sharing none are left out. */
+export function topPassages(passages: readonly Passage[], max: number): Passage[] {
+  return passages
+    .filter((p) => p.score > 0)
+    .sort(byScore)
+    .slice(0, max);
+}
+
+/** The sentences of a passage that share at least one term with the topic, as findings. */
+export function passageSentences(passage: Readonly<Passage>, terms: readonly string[]): Finding[] {
+  const findings: Finding[] = [];
+  for (const [seq, sentence] of splitSentences(passage.text).entries()) {
+    if (sentence.text.split(' ').length < MIN_SENTENCE_WORDS) continue;
+    const score = overlap(tokenize(sentence.text), terms);
+    if (score === 0) continue;
+    const line = passage.line + countNewlines(passage.text.slice(0, sentence.offset));
+    findings.push({
+      text: sentence.text,
+      file: passage.file,
+      line,
+      heading: passage.heading,
+      score,
+      seq,
+    });
+  }
+  return findings;
+}
+
+function countNewlines(text: string): number {
+  let n = 0;
+  for (const ch of text) if (ch === '\n') n += 1;
+  return n;
+}
+
+/**
+ * Keeps, in ranked order, each item unless it is a near-duplicate (Jaccard similarity of tokens
+ * above `threshold`) of one kept before it: the better-ranked wording of a repeated sentence wins.
+ */
+export function dropNearDuplicates<T extends { text: string }>(
+  ranked: readonly T[],
+  threshold = DUPLICATE_THRESHOLD,
+): T[] {
+  const kept: { item: T; tokens: string[] }[] = [];
+  for (const item of ranked) {
+    const tokens = tokenize(item.text);
+    if (kept.every((k) => jaccard(k.tokens, tokens) <= threshold)) kept.push({ item, tokens });
+  }
+  return kept.map((k) => k.item);
+}
+
+/** Ranks candidate sentences, drops near-duplicates and keeps the first `max`, as fresh objects. */
+export function selectFindings(candidates: readonly Readonly<Finding>[], max: number): Finding[] {
+  const ranked = candidates.map((c) => ({ ...c })).sort(byScore);
+  return dropNearDuplicates(ranked).slice(0, max);
+}
+
+/** What {@link renderBrief} needs. */
+export type BriefContent = { topic: string; findings: readonly Readonly<Finding>[] };
+
+/** The brief as Markdown: title, topic, how it was made, findings with citations, sources. */
+export function renderBrief({ topic, findings }: BriefContent): string {
+  const lines = ['# Research brief', '', `**Topic:** ${topic}`, '', `_${METHOD_LINE}_`, ''];
+  lines.push('## Findings', '');
+  if (findings.length === 0) {
+    lines.push('- No sentence in the documents shares a term with the topic.');
+  }
+  for (const f of findings) lines.push(`- ${f.text} (${f.file}:${f.line})`);
+  lines.push('', '## Sources', '');
+  const cited = new Map<string, Set<number>>();
+  for (const f of findings) cited.set(f.file, (cited.get(f.file) ?? new Set()).add(f.line));
+  for (const file of [...cited.keys()].sort()) {
+    const lineNumbers = [...cited.get(file)!].sort((a, b) => a - b);
+    const label = lineNumbers.length > 1 ? 'lines' : 'line';
+    lines.push(`- ${file} (${label} ${lineNumbers.join(', ')})`);
+  }
+  if (cited.size === 0) lines.push('- None.');
+  return `${lines.join('\n')}\n`;
+}
