@@ -19,7 +19,7 @@ export async function loadWorkflows(file: string): Promise<AnyWorkflow[]> {
   }
   let module: Record<string, unknown>;
   try {
-    module = (await import(pathToFileURL(path).href)) as Record<string, unknown>;
+    module = await importModule(path);
   } catch (error) {
     throw new DefinitionError(
       `Workflow file ${path} failed to load: ${(error as Error).message ?? String(error)}`,
@@ -30,13 +30,37 @@ export async function loadWorkflows(file: string): Promise<AnyWorkflow[]> {
     );
   }
   const found: AnyWorkflow[] = [];
-  for (const [name, value] of Object.entries(module)) {
+  // A CommonJS-compiled file arrives as { default: module.exports }.
+  const inner = module.default;
+  const exports =
+    typeof inner === 'object' && inner !== null && !isWorkflow(inner)
+      ? (inner as Record<string, unknown>)
+      : module;
+  for (const [name, value] of Object.entries(exports)) {
     if (isWorkflow(value) && !found.includes(value)) {
       if (name === 'default') found.unshift(value);
       else found.push(value);
     }
   }
   return found.map((wf) => (wf.module === path ? wf : withModule(wf, path)));
+}
+
+/**
+ * Imports a workflow file. A `.ts` file in a project whose package.json does not say
+ * `"type": "module"` is compiled as CommonJS, and its `import ... from 'keel'` then becomes a
+ * require() of an ES module that Node 20 refuses inside an import; tsx's scoped `tsImport` loads such
+ * a file as the ES module it is written as.
+ */
+async function importModule(path: string): Promise<Record<string, unknown>> {
+  const url = pathToFileURL(path).href;
+  try {
+    return (await import(url)) as Record<string, unknown>;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== 'ERR_REQUIRE_CYCLE_MODULE' && code !== 'ERR_REQUIRE_ESM') throw error;
+    const { tsImport } = await import('tsx/esm/api');
+    return (await tsImport(url, import.meta.url)) as Record<string, unknown>;
+  }
 }
 
 /** The one workflow of a file, or the one named `name`. */
