@@ -71,13 +71,18 @@ class Cli {
     process.stdout.write(`${this.json ? JSON.stringify(toDisplayJson(data), null, 2) : human}\n`);
   }
 
-  /** Shows a finished run and turns its status into the exit code. */
-  async report(result: RunResult): Promise<number> {
+  /**
+   * Shows a finished run and turns its status into the exit code. `keel run` passes only
+   * `completed`: a run that failed and rolled itself back (rollbackOnFailure) did not do its job.
+   */
+  async report(
+    result: RunResult,
+    ok: readonly string[] = [RunStatus.completed, RunStatus.rolledBack],
+  ): Promise<number> {
     this.progress?.stop();
     const view = await this.engine!.get(result.id);
     if (this.json) this.print('', { ...view, rollback: result.rollback });
     else this.print(summaryOf(view.status, result, view.effects), null);
-    const ok: string[] = [RunStatus.completed, RunStatus.rolledBack];
     return ok.includes(result.status) ? 0 : 1;
   }
 
@@ -178,7 +183,9 @@ function program(): Command {
       const input = parseInput(opts.input);
       const wf = await loadWorkflow(file, opts.workflow);
       const engine = c.open(false);
-      return run(c, async () => c.report(await engine.start(wf, input, { module: resolve(file) })));
+      return run(c, async () =>
+        c.report(await engine.start(wf, input, { module: resolve(file) }), [RunStatus.completed]),
+      );
     });
 
   root
