@@ -26,7 +26,7 @@ import type { Dirent } from 'node:fs';
 import { mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, relative, resolve, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { TerminalError, workflow } from 'keel';
+import { TerminalError, workflow, type CompleteWorkflow } from 'keel';
 import {
   passageSentences,
   renderBrief,
@@ -200,7 +200,7 @@ export default workflow<Brief>('brief', {
       return publishFile(outbox, briefFileName(topic), state.draft ?? '', key);
     },
     compensate: (result, { key }) => retractFile(result, key),
-  });
+  }) satisfies CompleteWorkflow<Brief>;
 
 /** Input comes from JSON on the command line, so its types are checked before anything is used. */
 function checkInput(input: Readonly<Brief>): void {

@@ -16,7 +16,7 @@
  *   keel run workflows/refine.ts
  *   keel run workflows/refine.ts --input '{"topic":"leases","mustMention":["lease","expiry"]}'
  */
-import { workflow } from 'keel';
+import { workflow, type CompleteWorkflow } from 'keel';
 import { overlap, topicTerms, tokenize } from './brief-text.ts';
 
 /** The state of a `refine` run: the first five fields are its input, the rest are set by steps. */
@@ -134,4 +134,4 @@ export default workflow<Refine>('refine', {
       rounds: state.rounds ?? 0,
       reachedTarget: score >= target,
     };
-  });
+  }) satisfies CompleteWorkflow<Refine>;
