@@ -143,7 +143,7 @@ export class Engine {
       );
     }
     const { clock, store, host } = this.deps;
-    const id = options.id ?? nanoid();
+    const id = options.id ?? newRunId();
     const now = clock.now();
     const encodedInput = encode(input);
     const state = decode<Draftable>(encodedInput);
@@ -423,6 +423,14 @@ export class Engine {
       });
     }
     return run;
+  }
+}
+
+/** A nanoid that does not begin with '-', which a command line would read as an option. */
+function newRunId(): string {
+  for (;;) {
+    const id = nanoid();
+    if (!id.startsWith('-')) return id;
   }
 }
 

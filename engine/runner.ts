@@ -23,7 +23,7 @@ import {
 import type { HeldRun } from './held-run.ts';
 import { rollbackHeld } from './rollback.ts';
 import type { StateTracker } from './state.ts';
-import { RunStatus, type Milestone, type StepRecord } from './store.ts';
+import { RunStatus, type EffectRecord, type Milestone, type StepRecord } from './store.ts';
 import { backoffMs } from './time.ts';
 import {
   END,
@@ -145,6 +145,7 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
   const index = held.run.stepCount + 1;
   const startedAt = deps.clock.now();
   deps.emit({ type: 'step-started', runId: held.id, step: node.name, index, attempt: 1 });
+  let applied: EffectRecord | null = null;
   try {
     const key = checkKey(node.effect.key(tracker.base), node.name, held.id);
     const outcome = await performEffect(deps, held, {
@@ -155,11 +156,21 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
       state: tracker.base,
       nextOrder: () => ++ex.effectOrder,
     });
-    const target = decide(ex, node.name, tracker.base);
+    applied = outcome.record;
+    let state: Pick<Milestone, 'checkpoint' | 'run'> = { run: {} };
+    let next = tracker.base;
+    if (node.effect.save) {
+      node.effect.save(tracker.begin(), outcome.result);
+      const finished = tracker.finish();
+      next = finished.next;
+      state = stateMilestone(deps, held.run, node.name, finished.patches, next);
+    }
+    const target = decide(ex, node.name, next);
     const attempts = outcome.record?.attempts ?? 1;
     await held.commit(
       {
-        run: advance(ex, index, target),
+        checkpoint: state.checkpoint,
+        run: { ...state.run, ...advance(ex, index, target) },
         step: stepRecord(
           held.id,
           index,
@@ -174,6 +185,7 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
       },
       'step',
     );
+    tracker.adopt(next, false);
     deps.emit({
       type: outcome.record ? 'effect-applied' : 'effect-reused',
       runId: held.id,
@@ -183,8 +195,10 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
     });
     deps.emit({ type: 'step-completed', runId: held.id, step: node.name, index, next: target });
   } catch (error) {
+    tracker.restart(false);
     if (held.signal.aborted || isLeaseError(error)) throw held.signal.reason ?? error;
-    await fail(ex, node.name, error, 1, startedAt);
+    // An effect that happened is recorded even when saving its result failed.
+    await fail(ex, node.name, error, 1, startedAt, applied ? { effect: applied } : {});
   }
 }
 
@@ -299,12 +313,14 @@ async function fail(
   error: unknown,
   attempts: number,
   startedAt: number,
+  extra: Pick<Milestone, 'effect'> = {},
 ) {
   const { deps, held } = ex;
   const serialized = JSON.stringify({ ...serializeError(error), step });
   const rollback = held.workflow.options.rollbackOnFailure === true;
   await held.commit(
     {
+      ...extra,
       run: {
         status: RunStatus.failed,
         error: serialized,

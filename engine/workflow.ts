@@ -68,7 +68,14 @@ type EffectHandlers<S, R> = {
 };
 
 /** An effect step: its key is computed from the state when the step is reached. */
-export type EffectDefinition<S, R> = EffectHandlers<S, R> & { key: (state: S) => string };
+export type EffectDefinition<S, R> = EffectHandlers<S, R> & {
+  key: (state: S) => string;
+  /**
+   * Copies what later steps need from the result into the state. It runs in the same milestone that
+   * records the result (and again, with the recorded result, if that milestone is replayed).
+   */
+  save?: (state: Draft<S>, result: R) => void;
+};
 
 /** An effect started from inside a step with `ctx.effect`. */
 export type InlineEffect<S, R> = EffectHandlers<S, R> & { key: string | ((state: S) => string) };
