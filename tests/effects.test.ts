@@ -4,6 +4,7 @@
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { openEngine, workflow, type Engine, type RunView } from 'keel';
@@ -12,6 +13,7 @@ import {
   keel,
   keelJson,
   killHard,
+  lines,
   spawnKeel,
   tempDir,
   waitFor,
@@ -281,4 +283,36 @@ describe('effect keys', () => {
       ['charge', 'done', 1, 101],
     ]);
   });
+});
+
+describe('saving an effect step result into the state', () => {
+  const SAVE = join(FIXTURES, 'fx-save.ts');
+
+  for (const point of ['effect:after-run', 'step:inside-commit', 'step:after-commit']) {
+    it(`a later step reads the recorded result after a kill at ${point}`, async () => {
+      const dir = tempDir('keel-save-');
+      const db = join(dir, 'keel.db');
+      const env = { FX_SAVE_DIR: dir };
+      const input = JSON.stringify({ order: 'o-1' });
+      const first = await keel(['run', SAVE, '--db', db, '--input', input], {
+        env: { ...env, KEEL_CRASH_AT: `${point}@1` },
+      });
+      expect(first.signal).toBe('SIGKILL');
+      const resumed = await keel(['resume', '--all', '--db', db], { env });
+      expect(resumed.code).toBe(0);
+      const [run] = await keelJson<{ id: string }[]>(['ls', '--db', db]);
+      const view = await keelJson<RunView>(['show', run!.id, '--db', db]);
+      const receipt = readFileSync(join(dir, 'charge_o_1.receipt'), 'utf8');
+      expect(view.status).toBe('completed');
+      expect(view.state).toEqual({ order: 'o-1', receipt, note: `paid with ${receipt}` });
+      expect(view.effects.map((e) => [e.name, e.status, e.result])).toEqual([
+        ['charge', 'done', { receipt }],
+      ]);
+      const calls = lines(join(dir, 'calls.log'));
+      // Killed before the milestone that records the result committed, the charge is sent again
+      // with the same key (the sink answers with the first receipt); after it, never.
+      const recorded = point === 'step:after-commit';
+      expect(calls).toEqual(recorded ? ['charge:o-1'] : ['charge:o-1', 'charge:o-1']);
+    });
+  }
 });
