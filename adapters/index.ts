@@ -29,12 +29,14 @@ export const DEFAULT_DB = '.keel/keel.db';
 
 /** Opens an engine over a SQLite database file, creating and migrating it as needed. */
 export function openEngine(options: OpenEngineOptions = {}): Engine {
-  const { db, synchronous, busyTimeoutMs, migrationsFolder, ...engineOptions } = options;
+  const { db, synchronous, busyTimeoutMs, migrationsFolder, integrityCheck, ...engineOptions } =
+    options;
   const sqlite: SqliteOptions = {};
   if (synchronous) sqlite.synchronous = synchronous;
   const busy = busyTimeoutMs ?? envMs('KEEL_BUSY_TIMEOUT_MS');
   if (busy !== undefined) sqlite.busyTimeoutMs = busy;
   if (migrationsFolder) sqlite.migrationsFolder = migrationsFolder;
+  if (integrityCheck !== undefined) sqlite.integrityCheck = integrityCheck;
   const store = openSqliteStore(db ?? process.env.KEEL_DB ?? DEFAULT_DB, sqlite);
   const leaseMs = envMs('KEEL_LEASE_MS');
   return new Engine({

@@ -23,7 +23,15 @@ export type SqliteOptions = {
   /** How long to wait for another process's write lock before failing (default 5 s). */
   busyTimeoutMs?: number;
   migrationsFolder?: string;
+  /**
+   * Run `PRAGMA quick_check` when opening a database of up to 256 MiB (default true), so that a
+   * damaged file is refused before anything is written to it. Larger files are not checked: the
+   * check reads every page.
+   */
+  integrityCheck?: boolean;
 };
+
+const QUICK_CHECK_LIMIT = 256 * 1024 * 1024;
 
 export function openDatabase(path: string, options: SqliteOptions = {}): Database.Database {
   const file = path === ':memory:' ? path : resolve(path);
@@ -36,6 +44,7 @@ export function openDatabase(path: string, options: SqliteOptions = {}): Databas
   }
   try {
     checkIdentity(sqlite, file, options.migrationsFolder ?? MIGRATIONS_FOLDER);
+    checkPages(sqlite, file, options.integrityCheck ?? true);
     sqlite.pragma('journal_mode = WAL');
     sqlite.pragma(`synchronous = ${options.synchronous ?? 'NORMAL'}`);
     sqlite.pragma('foreign_keys = ON');
@@ -80,16 +89,25 @@ function prepareFile(file: string): void {
 }
 
 function checkIdentity(sqlite: Database.Database, file: string, migrationsFolder: string): void {
-  const appId = sqlite.pragma('application_id', { simple: true }) as number;
+  // Both read in one transaction: a database that another process is creating at this moment is
+  // seen before it began or with its application_id already set, never as tables without an id.
+  const [appId, tables, schemaVersion] = sqlite.transaction(
+    () =>
+      [
+        sqlite.pragma('application_id', { simple: true }) as number,
+        (
+          sqlite
+            .prepare(
+              "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            )
+            .all() as { name: string }[]
+        ).map((t) => t.name),
+        sqlite.pragma('user_version', { simple: true }) as number,
+      ] as const,
+  )();
   if (appId !== KEEL_APPLICATION_ID) {
-    const tables = (
-      sqlite
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
-        .all() as {
-        name: string;
-      }[]
-    ).map((t) => t.name);
-    if (appId !== 0 || tables.length > 0) {
+    // Only a brand-new database (no id, no tables, no schema version) becomes keel's.
+    if (appId !== 0 || tables.length > 0 || schemaVersion !== 0) {
       throw new DatabaseError(
         `${file} is a SQLite database of another application${tables.length ? ` (tables: ${tables.slice(0, 5).join(', ')})` : ''}, not a keel database; keel left it untouched.`,
         { hint: 'Give keel a database of its own with --db (or KEEL_DB).' },
@@ -103,6 +121,20 @@ function checkIdentity(sqlite: Database.Database, file: string, migrationsFolder
     throw new DatabaseError(
       `${file} was written by a newer keel (schema ${version}; this keel knows up to ${known}); keel left it untouched.`,
       { hint: 'Upgrade keel (npm install keel@latest) to open it.' },
+    );
+  }
+}
+
+function checkPages(sqlite: Database.Database, file: string, enabled: boolean): void {
+  if (!enabled || file === ':memory:' || statSync(file).size > QUICK_CHECK_LIMIT) return;
+  const result = sqlite.pragma('quick_check(1)', { simple: true }) as string;
+  if (result !== 'ok') {
+    const finding = result.replace(/\s+/g, ' ').slice(0, 200);
+    throw new DatabaseError(
+      `${file} is damaged (quick_check: ${finding}); keel left it untouched.`,
+      {
+        hint: 'Check it with `sqlite3 FILE "PRAGMA integrity_check"` and restore a backup if it fails.',
+      },
     );
   }
 }

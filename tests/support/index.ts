@@ -17,9 +17,18 @@ export function tempDir(prefix = 'keel-test-'): string {
   return dir;
 }
 
-export type KeelResult = { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string };
+export type KeelResult = {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+};
 
-export type KeelOptions = { env?: Record<string, string | undefined>; cwd?: string; timeoutMs?: number };
+export type KeelOptions = {
+  env?: Record<string, string | undefined>;
+  cwd?: string;
+  timeoutMs?: number;
+};
 
 /** Starts `keel ARGS` as a child process (in its own process group), without waiting for it. */
 export function spawnKeel(args: string[], options: KeelOptions = {}): ChildProcess {
@@ -46,7 +55,9 @@ export function collect(child: ChildProcess, timeoutMs = 30_000): Promise<KeelRe
   return new Promise((resolvePromise, reject) => {
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      reject(new Error(`keel timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+      reject(
+        new Error(`keel timed out after ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`),
+      );
     }, timeoutMs);
     child.on('close', (code, signal) => {
       clearTimeout(timer);
@@ -61,12 +72,18 @@ export async function keelJson<T = unknown>(args: string[], options: KeelOptions
   try {
     return JSON.parse(result.stdout) as T;
   } catch {
-    throw new Error(`keel ${args.join(' ')} printed no JSON (exit ${result.code}):\n${result.stdout}\n${result.stderr}`);
+    throw new Error(
+      `keel ${args.join(' ')} printed no JSON (exit ${result.code}):\n${result.stdout}\n${result.stderr}`,
+    );
   }
 }
 
 /** Polls until `check` returns true, at most `timeoutMs`. */
-export async function waitFor(check: () => boolean, timeoutMs = 20_000, what = 'condition'): Promise<void> {
+export async function waitFor(
+  check: () => boolean,
+  timeoutMs = 20_000,
+  what = 'condition',
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!check()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
