@@ -25,7 +25,7 @@ const sync = values.sync === 'FULL' ? 'FULL' : 'NORMAL';
 const dir = mkdtempSync(join(tmpdir(), 'keel-bench-'));
 
 type S = { i: number; note: string };
-let wf = workflow<S>('bench', { version: 1 });
+let wf = workflow<S>('bench', { version: 1, maxSteps: steps });
 for (let i = 0; i < steps; i++) {
   wf = wf.step(`s${i}`, (state) => {
     state.i += 1;

@@ -104,6 +104,10 @@ export type CheckpointRecord = {
   createdAt: number;
 };
 
+/**
+ * One step execution. A run records at most one execution of a step index per lease epoch (a failure
+ * ends the epoch's work; a resume claims the next), so a store may key them by (run, index, epoch).
+ */
 export type StepRecord = {
   runId: string;
   /** 1 for the run's first step execution, and so on. */

@@ -325,7 +325,7 @@ export class Workflow<S, Names extends string = never, Pending extends string = 
         },
       );
     }
-    if (this.node(node.name)) {
+    if (this.nodes.some((n) => n.name === node.name)) {
       throw new DefinitionError(`workflow "${this.name}": step "${node.name}" is declared twice.`, {
         hint: 'Give every step and effect its own name.',
       });

@@ -7,7 +7,7 @@ CREATE TABLE `checkpoints` (
 	`created_at` integer NOT NULL,
 	PRIMARY KEY(`run_id`, `seq`),
 	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
-);
+) WITHOUT ROWID;
 --> statement-breakpoint
 CREATE TABLE `effects` (
 	`run_id` text NOT NULL,
@@ -25,7 +25,7 @@ CREATE TABLE `effects` (
 	`compensated_at` integer,
 	PRIMARY KEY(`run_id`, `key`),
 	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
-);
+) WITHOUT ROWID;
 --> statement-breakpoint
 CREATE TABLE `run_specs` (
 	`run_id` text PRIMARY KEY NOT NULL,
@@ -64,9 +64,9 @@ CREATE TABLE `runs` (
 CREATE INDEX `runs_status_idx` ON `runs` (`status`);--> statement-breakpoint
 CREATE INDEX `runs_workflow_idx` ON `runs` (`workflow`,`created_at`);--> statement-breakpoint
 CREATE TABLE `steps` (
-	`id` integer PRIMARY KEY AUTOINCREMENT NOT NULL,
 	`run_id` text NOT NULL,
 	`idx` integer NOT NULL,
+	`epoch` integer NOT NULL,
 	`name` text NOT NULL,
 	`status` text NOT NULL,
 	`attempts` integer NOT NULL,
@@ -74,7 +74,6 @@ CREATE TABLE `steps` (
 	`started_at` integer NOT NULL,
 	`ended_at` integer NOT NULL,
 	`error` text,
+	PRIMARY KEY(`run_id`, `idx`, `epoch`),
 	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
-);
---> statement-breakpoint
-CREATE INDEX `steps_run_idx` ON `steps` (`run_id`,`id`);
+) WITHOUT ROWID;

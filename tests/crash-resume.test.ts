@@ -74,7 +74,7 @@ function tables(file: string, id: string) {
     run: db
       .prepare('SELECT status, cursor, step_count, seq FROM runs WHERE id = ?')
       .get(id) as RunRow,
-    steps: db.prepare('SELECT name FROM steps WHERE run_id = ? ORDER BY id').all(id) as {
+    steps: db.prepare('SELECT name FROM steps WHERE run_id = ? ORDER BY idx, epoch').all(id) as {
       name: string;
     }[],
     checkpoints: db

@@ -184,7 +184,7 @@ describe('C15: a migration that rebuilds the runs table keeps data', () => {
     const file = copy('keel-migrator');
     const rowsBefore = {
       runs: readAll(file, 'runs', 'id'),
-      steps: readAll(file, 'steps', 'id'),
+      steps: readAll(file, 'steps', 'run_id, idx, epoch'),
       effects: readAll(file, 'effects', 'run_id, key'),
       checkpoints: readAll(file, 'checkpoints', 'run_id, seq'),
     };
@@ -204,7 +204,7 @@ describe('C15: a migration that rebuilds the runs table keeps data', () => {
       __drizzle_migrations: before.__drizzle_migrations! + 1,
     });
     expect(readAll(file, 'runs', 'id')).toStrictEqual(rowsBefore.runs);
-    expect(readAll(file, 'steps', 'id')).toStrictEqual(rowsBefore.steps);
+    expect(readAll(file, 'steps', 'run_id, idx, epoch')).toStrictEqual(rowsBefore.steps);
     expect(readAll(file, 'effects', 'run_id, key')).toStrictEqual(rowsBefore.effects);
     expect(readAll(file, 'checkpoints', 'run_id, seq')).toStrictEqual(rowsBefore.checkpoints);
 

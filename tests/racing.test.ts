@@ -64,7 +64,7 @@ function everything(file: string, omit: string[] = []) {
     );
   return readDb(file, (db) => ({
     runs: strip(db.prepare('SELECT * FROM runs').all()),
-    steps: strip(db.prepare('SELECT * FROM steps ORDER BY id').all()),
+    steps: strip(db.prepare('SELECT * FROM steps ORDER BY run_id, idx, epoch').all()),
     checkpoints: strip(db.prepare('SELECT * FROM checkpoints ORDER BY seq').all()),
     effects: strip(db.prepare('SELECT * FROM effects ORDER BY key').all()),
   }));

@@ -464,7 +464,7 @@ export function storeConformance(name: string, open: OpenStore): void {
       expect(await store.getEffect('fx', 'charge:1')).toStrictEqual(compensated);
     });
 
-    it('the timeline never reorders executions: a failed then a completed run of one index stay in order', async () => {
+    it('the timeline never reorders executions: a failed then a resumed, completed run of one index stay in order', async () => {
       await create(runRecord('steps'));
       const first = stepRecord('steps', 1, { name: 'search', next: 'analyze' });
       const failed = stepRecord('steps', 2, {
@@ -480,7 +480,17 @@ export function storeConformance(name: string, open: OpenStore): void {
         startedAt: T0 + 500,
         endedAt: T0 + 510,
       });
-      for (const step of [first, failed, retried]) await store.commit('steps', 1, { step });
+      // A failure ends the run's work under its lease: the retry runs under the next claim.
+      await store.commit('steps', 1, { step: first });
+      await store.commit('steps', 1, { step: failed });
+      const epoch = await store.claimLease('steps', 1, {
+        owner: 'resumer',
+        pid: 2,
+        host: 'h',
+        expiresAt: T0 + 60_000,
+      });
+      expect(epoch).toBe(2);
+      await store.commit('steps', 2, { step: retried });
       expect(await store.listSteps('steps')).toStrictEqual([first, failed, retried]);
     });
 

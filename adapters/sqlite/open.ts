@@ -45,7 +45,7 @@ export function openDatabase(path: string, options: SqliteOptions = {}): Databas
   try {
     checkIdentity(sqlite, file, options.migrationsFolder ?? MIGRATIONS_FOLDER);
     checkPages(sqlite, file, options.integrityCheck ?? true);
-    sqlite.pragma('journal_mode = WAL');
+    enableWal(sqlite, options.busyTimeoutMs ?? 5_000);
     sqlite.pragma(`synchronous = ${options.synchronous ?? 'NORMAL'}`);
     sqlite.pragma('foreign_keys = ON');
     applyMigrations(sqlite, readMigrations(options.migrationsFolder ?? MIGRATIONS_FOLDER), file);
@@ -53,6 +53,26 @@ export function openDatabase(path: string, options: SqliteOptions = {}): Databas
   } catch (error) {
     sqlite.close();
     throw translate(error, file);
+  }
+}
+
+/**
+ * Switching a new database to WAL needs a moment with no other connection reading it, and SQLite
+ * answers SQLITE_BUSY at once rather than through the busy handler when several processes open a new
+ * file together: wait for that moment, up to the busy timeout, like any other lock.
+ */
+function enableWal(sqlite: Database.Database, timeoutMs: number): void {
+  const deadline = Date.now() + timeoutMs;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (let delay = 2; ; delay = Math.min(delay * 2, 50)) {
+    try {
+      sqlite.pragma('journal_mode = WAL');
+      return;
+    } catch (error) {
+      const code = (error as { code?: string }).code ?? '';
+      if (!code.startsWith('SQLITE_BUSY') || Date.now() >= deadline) throw error;
+      Atomics.wait(pause, 0, 0, delay);
+    }
   }
 }
 

@@ -2,6 +2,10 @@
  * keel's tables. Migrations in `migrations/` are generated from this file by drizzle-kit
  * (`npm run db:generate`) and applied when a database is opened.
  *
+ * `checkpoints`, `steps` and `effects` are WITHOUT ROWID tables (see the migration): a milestone then
+ * writes one b-tree per row instead of a row b-tree plus its primary-key index. drizzle-kit does not
+ * emit that clause, so a generated migration that creates or rebuilds them must have it added.
+ *
  * Foreign keys have no ON DELETE CASCADE on purpose: a migration that rebuilds a parent table must
  * never take child rows with it (see `migrate.ts`).
  */
@@ -73,11 +77,15 @@ export const checkpoints = sqliteTable(
 export const steps = sqliteTable(
   'steps',
   {
-    id: integer('id').primaryKey({ autoIncrement: true }),
     runId: text('run_id')
       .notNull()
       .references(() => runs.id),
     index: integer('idx').notNull(),
+    /**
+     * The lease epoch the execution ran under. A run executes a step index at most once per epoch
+     * (a failure ends the epoch's work), so (run, index, epoch) names one execution.
+     */
+    epoch: integer('epoch').notNull(),
     name: text('name').notNull(),
     status: text('status', { enum: ['completed', 'failed'] }).notNull(),
     attempts: integer('attempts').notNull(),
@@ -86,7 +94,7 @@ export const steps = sqliteTable(
     endedAt: integer('ended_at').notNull(),
     error: text('error'),
   },
-  (t) => [index('steps_run_idx').on(t.runId, t.id)],
+  (t) => [primaryKey({ columns: [t.runId, t.index, t.epoch] })],
 );
 
 export const effects = sqliteTable(

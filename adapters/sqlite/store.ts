@@ -72,7 +72,7 @@ export class SqliteStore implements Store {
         'INSERT INTO checkpoints (run_id, seq, kind, step, data, created_at) VALUES (?, ?, ?, ?, ?, ?)',
       ),
       insertStep: p(
-        'INSERT INTO steps (run_id, idx, name, status, attempts, next, started_at, ended_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+        'INSERT INTO steps (run_id, idx, epoch, name, status, attempts, next, started_at, ended_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
       ),
       upsertEffect: p(
         `INSERT INTO effects (run_id, key, name, step, status, result, error, attempts, started_at, completed_at, completion_order, compensation_attempts, compensated_at)
@@ -98,7 +98,7 @@ export class SqliteStore implements Store {
           this.statements.updateGraph.run(milestone.run.graph, id);
         hooks?.inside?.();
         if (milestone.checkpoint) this.insertCheckpoint(milestone.checkpoint);
-        if (milestone.step) this.insertStep(milestone.step);
+        if (milestone.step) this.insertStep(milestone.step, epoch);
         if (milestone.effect) this.upsertEffect(milestone.effect);
         if (milestone.run?.lease === null) this.statements.releaseLease.run(id);
       },
@@ -193,8 +193,13 @@ export class SqliteStore implements Store {
 
   async listSteps(id: string): Promise<StepRecord[]> {
     return this.guard(() =>
-      this.db.select().from(steps).where(eq(steps.runId, id)).orderBy(asc(steps.id)).all(),
-    ).map(({ id: _rowId, ...step }) => step);
+      this.db
+        .select()
+        .from(steps)
+        .where(eq(steps.runId, id))
+        .orderBy(asc(steps.index), asc(steps.epoch))
+        .all(),
+    ).map(({ epoch: _epoch, ...step }) => step);
   }
 
   async listEffects(id: string): Promise<EffectRecord[]> {
@@ -246,10 +251,11 @@ export class SqliteStore implements Store {
     this.statements.insertCheckpoint.run(c.runId, c.seq, c.kind, c.step, c.data, c.createdAt);
   }
 
-  private insertStep(s: StepRecord): void {
+  private insertStep(s: StepRecord, epoch: number): void {
     this.statements.insertStep.run(
       s.runId,
       s.index,
+      epoch,
       s.name,
       s.status,
       s.attempts,
