@@ -144,6 +144,11 @@ export class Engine {
     }
     const { clock, store, host } = this.deps;
     const id = options.id ?? newRunId();
+    if (options.id !== undefined && (await store.getRun(id))) {
+      throw new InputError(`A run with id "${id}" already exists.`, {
+        hint: 'Resume it with engine.resume(id), or start with another id (or none: keel makes one).',
+      });
+    }
     const now = clock.now();
     const encodedInput = encode(input);
     const state = decode<Draftable>(encodedInput);
