@@ -18,7 +18,7 @@ import {
 import { HeldRun } from './held-run.ts';
 import { silentLogger, type Logger } from './logger.ts';
 import { rollbackHeld, type RollbackReport } from './rollback.ts';
-import { execute } from './runner.ts';
+import { execute, type Execution } from './runner.ts';
 import { StateTracker, replay, type Draftable } from './state.ts';
 import { RunStatus, type RunFilter, type RunRecord, type RunUpdate, type Store } from './store.ts';
 import { systemClock, type Clock } from './time.ts';
@@ -336,14 +336,16 @@ export class Engine {
   ): Promise<RunResult> {
     this.held.add(held);
     held.startHeartbeat();
+    const execution: Execution = { deps: this.deps, held, tracker, effectOrder };
     try {
-      await execute({ deps: this.deps, held, tracker, effectOrder });
+      await execute(execution);
     } finally {
       held.stopHeartbeat();
       this.held.delete(held);
     }
     this.deps.emit({ type: 'run-ended', runId: held.id, status: held.run.status });
-    return this.result(held.run, tracker.base);
+    const result = this.result(held.run, tracker.base);
+    return execution.rollback ? { ...result, rollback: execution.rollback } : result;
   }
 
   private result(run: RunRecord, state: object): RunResult {

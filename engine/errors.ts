@@ -122,9 +122,15 @@ export class EffectOutcomeUnknownError extends KeelError {
 export class CompensationError extends KeelError {
   override name = 'CompensationError';
   readonly remaining: string[];
-  constructor(message: string, options: KeelErrorOptions & { remaining: string[] }) {
+  /** The failure that started the rollback, when a failed run was being rolled back. */
+  readonly failure: string | undefined;
+  constructor(
+    message: string,
+    options: KeelErrorOptions & { remaining: string[]; failure?: string },
+  ) {
     super(ErrorCode.compensation, message, options);
     this.remaining = options.remaining;
+    this.failure = options.failure;
   }
 }
 

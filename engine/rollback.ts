@@ -9,7 +9,13 @@
 import { decode } from './codec.ts';
 import type { EngineDeps } from './deps.ts';
 import { performEffect, retryPolicy } from './effects.ts';
-import { CompensationError, isLeaseError, isTerminalError, serializeError } from './errors.ts';
+import {
+  CompensationError,
+  isLeaseError,
+  isTerminalError,
+  serializeError,
+  type SerializedError,
+} from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { EffectStatus, RunStatus, type EffectRecord } from './store.ts';
 import { backoffMs } from './time.ts';
@@ -72,12 +78,20 @@ export async function rollbackHeld(
     } catch (error) {
       if (isLeaseError(error) || held.signal.aborted) throw error;
       report.remaining = effects.slice(i).map((e) => e.name);
+      // Keep the failure that started the rollback, through any number of stopped rollbacks.
+      const previous = held.run.error ? (JSON.parse(held.run.error) as SerializedError) : null;
+      const original =
+        previous?.name === 'CompensationError'
+          ? (previous.failure as string | undefined)
+          : previous?.message.split('\n')[0];
+      const after = original ? ` It was rolling back after: ${original}` : '';
       const failure = new CompensationError(
-        `Rollback of run ${held.id} stopped at effect "${effect.name}" (key "${effect.key}"): ${(error as Error).message}. Still applied: ${report.remaining.join(', ')}.`,
+        `Rollback of run ${held.id} stopped at effect "${effect.name}" (key "${effect.key}"): ${(error as Error).message}. Still applied: ${report.remaining.join(', ')}.${after}`,
         {
           runId: held.id,
           step: effect.step,
           remaining: report.remaining,
+          ...(original ? { failure: original } : {}),
           cause: error,
           hint: `Fix the compensation, then run \`keel rollback ${held.id}\` again: it continues at "${effect.name}".`,
         },

@@ -21,7 +21,7 @@ import {
   StateError,
 } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
-import { rollbackHeld } from './rollback.ts';
+import { rollbackHeld, type RollbackReport } from './rollback.ts';
 import type { StateTracker } from './state.ts';
 import { RunStatus, type EffectRecord, type Milestone, type StepRecord } from './store.ts';
 import { backoffMs } from './time.ts';
@@ -41,6 +41,8 @@ export type Execution = {
   tracker: StateTracker;
   /** The highest completion order among the run's effects. */
   effectOrder: number;
+  /** Set when the run failed and rolled itself back (`rollbackOnFailure`). */
+  rollback?: RollbackReport;
 };
 
 export async function execute(ex: Execution): Promise<void> {
@@ -345,7 +347,7 @@ async function fail(
     'step',
   );
   deps.logger.error('run failed', { runId: held.id, step, error: String(error) });
-  if (rollback) await rollbackHeld(deps, held, ex.tracker.base);
+  if (rollback) ex.rollback = await rollbackHeld(deps, held, ex.tracker.base);
 }
 
 /** Errors that another attempt of the same code on the same state would only repeat. */

@@ -252,6 +252,24 @@ describe('rollback', () => {
     },
   );
 
+  it('a failed run whose own rollback stops keeps the failure that started it in the run error', async () => {
+    const t = setup();
+    const broken = join(t.dir, 'c3-broken');
+    writeFileSync(broken, '');
+    const { result, view } = await failedFiveRun(t, { RB_AUTO: '1', RB_C3_BROKEN_FILE: broken });
+    expect(result.code).toBe(1);
+    expect(view.status).toBe('compensation_failed');
+    expect(view.error).toMatchObject({
+      name: 'CompensationError',
+      code: 'COMPENSATION_FAILED',
+      remaining: ['C3', 'C2', 'C1'],
+      failure: 'Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
+    });
+    expect(view.error?.message).toContain(
+      'It was rolling back after: Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
+    );
+  });
+
   it('rollbackOnFailure: a run that fails rolls its effects back on its own, and `keel run` still reports the failure', async () => {
     const t = setup();
     const { result, view } = await failedFiveRun(t, { RB_AUTO: '1' });
@@ -274,6 +292,11 @@ describe('rollback', () => {
       'compensate C1 compensate:c1:o7 C1-receipt',
     ]);
     expect(t.applied()).toEqual([]);
+    expect((view).rollback).toEqual({
+      compensated: ['C4', 'C3', 'C2', 'C1'],
+      skipped: [],
+      remaining: [],
+    });
     expect(statuses(view)).toEqual({
       C1: 'compensated',
       C2: 'compensated',
