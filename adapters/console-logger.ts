@@ -2,6 +2,7 @@
  * A logger that writes plain lines to a stream: `LEVEL message key=value …`. Used by the CLI for
  * `ctx.log` and the engine's own warnings; `before` lets a live progress line get out of the way.
  */
+import { InputError } from '../engine/errors.ts';
 import type { LogFields, Logger } from '../engine/logger.ts';
 
 const LEVELS = { debug: 10, info: 20, warn: 30, error: 40 } as const;
@@ -47,6 +48,11 @@ function safeJson(value: unknown): string {
   }
 }
 
+/** `KEEL_LOG`'s value; anything but a known level is refused rather than ignored. */
 export function parseLogLevel(value: string | undefined): LogLevel {
-  return value && value in LEVELS ? (value as LogLevel) : 'info';
+  if (value === undefined || value === '') return 'info';
+  if (value in LEVELS) return value as LogLevel;
+  throw new InputError(`KEEL_LOG=${value} is not a log level.`, {
+    hint: `Use one of ${Object.keys(LEVELS).join(', ')}, or unset it (info).`,
+  });
 }

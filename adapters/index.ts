@@ -6,6 +6,7 @@
  * const engine = openEngine({ db: '.keel/keel.db' });
  * const result = await engine.start(myWorkflow, { topic: 'leases' });
  */
+import { resolve } from 'node:path';
 import { Engine, type EngineOptions } from '../engine/engine.ts';
 import { InputError } from '../engine/errors.ts';
 import { crashPointsFromEnv } from './crash-points.ts';
@@ -42,6 +43,7 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
   return new Engine({
     loadWorkflow: loadFromRecordedModule,
     crashPoint: crashPointsFromEnv(),
+    ...(process.argv[1] ? { entryScript: resolve(process.argv[1]) } : {}),
     ...(leaseMs !== undefined ? { leaseMs } : {}),
     ...engineOptions,
     store,

@@ -99,6 +99,7 @@ export async function performEffect(
     completionOrder: null,
     compensationAttempts: 0,
     compensatedAt: null,
+    compensable: typeof call.effect.compensate === 'function',
   };
 
   if (existing?.status === EffectStatus.started) {

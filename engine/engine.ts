@@ -41,6 +41,8 @@ export type EngineOptions = {
   loadWorkflow?: WorkflowLoader;
   crashPoint?: (name: string) => void;
   onEvent?: (event: RunEvent) => void;
+  /** The program's entry script: never recorded as a run's module (resuming would re-run it). */
+  entryScript?: string;
   random?: () => number;
 };
 
@@ -69,8 +71,16 @@ export type RunResult<S = unknown> = {
   rollback?: RollbackReport;
 };
 
+/**
+ * Definitions started in this process, by name and graph fingerprint: another engine in the same
+ * process resumes such a run with the very definition, without importing its file again (which,
+ * for a script that starts runs at its top level, would run that script again).
+ */
+const started = new Map<string, AnyWorkflow>();
+
 export class Engine {
   private readonly deps: EngineDeps;
+  private readonly entryScript: string | undefined;
   private readonly owner: string;
   private readonly registry = new Map<string, AnyWorkflow>();
   private readonly held = new Set<HeldRun>();
@@ -107,6 +117,7 @@ export class Engine {
       random: options.random ?? Math.random,
     };
     this.owner = `${options.host.name}:${options.host.pid}:${nanoid(8)}`;
+    this.entryScript = options.entryScript;
   }
 
   /** Makes a definition available to `resume` and `rollback` by its workflow name. */
@@ -128,7 +139,7 @@ export class Engine {
   ): Promise<RunResult<S>> {
     const definition = asWorkflow(wf);
     definition.validate();
-    if (!this.registry.has(definition.name)) this.registry.set(definition.name, definition);
+    started.set(`${definition.name}:${fingerprint(definition.shape())}`, definition);
     if (
       typeof input !== 'object' ||
       input === null ||
@@ -160,7 +171,7 @@ export class Engine {
       version: definition.options.version,
       fingerprint: fingerprint(shape),
       graph: JSON.stringify(shape),
-      module: options.module ?? definition.module ?? null,
+      module: options.module ?? this.recordableModule(definition),
       status: RunStatus.running,
       input: encodedInput,
       cursor: definition.nodes[0]!.name,
@@ -391,6 +402,16 @@ export class Engine {
     return new HeldRun(this.deps, claimed, wf, epoch);
   }
 
+  /**
+   * The file to record for `resume --all`: where the workflow was defined, unless that is the
+   * program's entry script, which resuming would run again from the top (starting new runs).
+   */
+  private recordableModule(definition: AnyWorkflow): string | null {
+    const module = definition.module;
+    if (!module || module === this.entryScript) return null;
+    return module;
+  }
+
   /** True while another live owner holds the run's lease. */
   private leaseIsLive(run: RunRecord): boolean {
     const lease = run.lease;
@@ -401,7 +422,10 @@ export class Engine {
 
   private async definitionFor(run: RunRecord, options: ResumeOptions): Promise<AnyWorkflow> {
     const wf =
-      options.workflow ?? this.registry.get(run.workflow) ?? (await this.deps.loadWorkflow(run));
+      options.workflow ??
+      this.registry.get(run.workflow) ??
+      started.get(`${run.workflow}:${run.fingerprint}`) ??
+      (await this.deps.loadWorkflow(run));
     if (wf.name !== run.workflow) {
       throw new DefinitionError(
         `Run ${run.id} is of workflow "${run.workflow}", not "${wf.name}".`,

@@ -122,7 +122,7 @@ export class EffectOutcomeUnknownError extends KeelError {
 export class CompensationError extends KeelError {
   override name = 'CompensationError';
   readonly remaining: string[];
-  /** The failure that started the rollback, when a failed run was being rolled back. */
+  /** The failure that started the rollback (its serialized error, as stored), if the run failed. */
   readonly failure: string | undefined;
   constructor(
     message: string,

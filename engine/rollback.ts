@@ -70,6 +70,11 @@ export async function rollbackHeld(
         );
       }
       if (!handlers?.compensate) {
+        if (effect.compensable) {
+          throw new Error(
+            `it declared its compensation inline in ctx.effect(), which this process cannot reach; register it with .compensation("${effect.name}", fn) on the workflow`,
+          );
+        }
         report.skipped.push(effect.name);
         continue;
       }
@@ -78,15 +83,13 @@ export async function rollbackHeld(
     } catch (error) {
       if (isLeaseError(error) || held.signal.aborted) throw error;
       report.remaining = effects.slice(i).map((e) => e.name);
-      // Keep the failure that started the rollback, through any number of stopped rollbacks.
-      const previous = held.run.error ? (JSON.parse(held.run.error) as SerializedError) : null;
-      const original =
-        previous?.name === 'CompensationError'
-          ? (previous.failure as string | undefined)
-          : previous?.message.split('\n')[0];
-      const after = original ? ` It was rolling back after: ${original}` : '';
+      const original = failureBefore(held);
+      const after = original
+        ? ` It was rolling back after: ${(JSON.parse(original) as SerializedError).message.split('\n')[0]}`
+        : '';
+      const reason = (error as Error).message.replace(/\.$/, '');
       const failure = new CompensationError(
-        `Rollback of run ${held.id} stopped at effect "${effect.name}" (key "${effect.key}"): ${(error as Error).message}. Still applied: ${report.remaining.join(', ')}.${after}`,
+        `Rollback of run ${held.id} stopped at effect "${effect.name}" (key "${effect.key}"): ${reason}. Still applied: ${report.remaining.join(', ')}.${after}`,
         {
           runId: held.id,
           step: effect.step,
@@ -110,10 +113,27 @@ export async function rollbackHeld(
     }
   }
   await held.commit(
-    { run: { status: RunStatus.rolledBack, cursor: null, endedAt: deps.clock.now(), lease: null } },
+    {
+      run: {
+        status: RunStatus.rolledBack,
+        cursor: null,
+        endedAt: deps.clock.now(),
+        // A stopped rollback's error is over; the failure that started it, if any, stays.
+        error: failureBefore(held),
+        lease: null,
+      },
+    },
     'rollback',
   );
   return report;
+}
+
+/** The run's error from before any rollback stopped (as stored), through any number of them. */
+function failureBefore(held: HeldRun): string | null {
+  if (!held.run.error) return null;
+  const previous = JSON.parse(held.run.error) as SerializedError;
+  if (previous.name !== 'CompensationError') return held.run.error;
+  return typeof previous.failure === 'string' ? previous.failure : null;
 }
 
 async function compensateOne(

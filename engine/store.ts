@@ -139,6 +139,8 @@ export type EffectRecord = {
   completionOrder: number | null;
   compensationAttempts: number;
   compensatedAt: number | null;
+  /** The effect declared a compensation when it ran (inline ones must be registered to be reached). */
+  compensable: boolean;
 };
 
 /** What one milestone writes. */

@@ -51,6 +51,7 @@ export type EffectView = {
   completedAt: number | null;
   compensationAttempts: number;
   compensatedAt: number | null;
+  compensable: boolean;
 };
 
 export type RunView = RunSummary & {
@@ -126,6 +127,7 @@ export function viewRun(
       completedAt: e.completedAt,
       compensationAttempts: e.compensationAttempts,
       compensatedAt: e.compensatedAt,
+      compensable: e.compensable,
     })),
   };
 }

@@ -23,6 +23,7 @@ CREATE TABLE `effects` (
 	`completion_order` integer,
 	`compensation_attempts` integer DEFAULT 0 NOT NULL,
 	`compensated_at` integer,
+	`compensable` integer DEFAULT false NOT NULL,
 	PRIMARY KEY(`run_id`, `key`),
 	FOREIGN KEY (`run_id`) REFERENCES `runs`(`id`) ON UPDATE no action ON DELETE no action
 ) WITHOUT ROWID;

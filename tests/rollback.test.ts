@@ -169,6 +169,11 @@ describe('rollback', () => {
     const final = await t.show(id);
     expect(final.status).toBe('rolled_back');
     expect(compensations(final)).toEqual({ C1: 1, C2: 1, C3: 4, C4: 1, C5: 0 });
+    // the stopped rollback's error is gone; the failure that started it stays
+    expect(final.error).toMatchObject({
+      code: 'STEP_FAILED',
+      message: 'Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
+    });
   });
 
   it('a compensation that fails twice then succeeds is retried and the run ends rolled_back, not compensation_failed', async () => {
@@ -263,7 +268,10 @@ describe('rollback', () => {
       name: 'CompensationError',
       code: 'COMPENSATION_FAILED',
       remaining: ['C3', 'C2', 'C1'],
-      failure: 'Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
+    });
+    expect(JSON.parse(String(view.error?.failure))).toMatchObject({
+      code: 'STEP_FAILED',
+      message: 'Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
     });
     expect(view.error?.message).toContain(
       'It was rolling back after: Effect "C5" (key "c5:o7") failed after 1 attempt(s).',
@@ -292,7 +300,7 @@ describe('rollback', () => {
       'compensate C1 compensate:c1:o7 C1-receipt',
     ]);
     expect(t.applied()).toEqual([]);
-    expect((view).rollback).toEqual({
+    expect(view.rollback).toEqual({
       compensated: ['C4', 'C3', 'C2', 'C1'],
       skipped: [],
       remaining: [],
@@ -337,7 +345,7 @@ describe('rollback', () => {
 });
 
 describe('rollback of effects started with ctx.effect', () => {
-  it('in a new process, only effects whose compensation is registered on the workflow are compensated; the others are listed as skipped', async () => {
+  it('in a new process, an effect whose compensation was declared only inline in ctx.effect stops the rollback instead of being left applied silently', async () => {
     const t = setup();
     const run = await keel(
       ['--db', t.db, 'run', INLINE, '--input', '{"tag":"t1","got":[]}', '--json'],
@@ -348,18 +356,19 @@ describe('rollback of effects started with ctx.effect', () => {
     expect(status).toBe('failed');
 
     const result = await keel(['--db', t.db, 'rollback', id], { env: t.env });
-    expect(result.code).toBe(0);
-    expect(result.stdout).toContain(`run ${id} (rb-inline): rolled_back`);
-    expect(result.stdout).toContain('compensated: registered\n');
-    expect(result.stdout).toContain('no compensation declared (left applied): unregistered');
+    expect(result.code).toBe(1);
+    expect(result.stdout).toContain(`run ${id} (rb-inline): compensation_failed`);
+    expect(result.stdout).toContain('still applied: unregistered, registered');
     expect(t.calls()).toEqual([
       'apply registered registered:t1',
       'apply unregistered unregistered:t1',
-      'workflow-compensate registered compensate:registered:t1 registered-receipt',
     ]);
     const view = await t.show(id);
-    expect(view.status).toBe('rolled_back');
-    expect(statuses(view)).toEqual({ registered: 'compensated', unregistered: 'done' });
+    expect(view.status).toBe('compensation_failed');
+    expect(view.error?.message).toContain(
+      'it declared its compensation inline in ctx.effect(), which this process cannot reach; register it with .compensation("unregistered", fn) on the workflow. Still applied: unregistered, registered.',
+    );
+    expect(statuses(view)).toEqual({ registered: 'done', unregistered: 'done' });
   });
 
   it('in the process that ran them, the inline compensate given to ctx.effect is used', async () => {

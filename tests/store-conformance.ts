@@ -101,6 +101,7 @@ function effectRecord(runId: string, key: string, overrides: Partial<EffectRecor
     completionOrder: null,
     compensationAttempts: 0,
     compensatedAt: null,
+    compensable: true,
     ...overrides,
   };
   return record;

@@ -2,8 +2,8 @@
  * The `keel` command line. Exit status: 0 when the run completed (or the command succeeded), 1 when
  * the run failed or could not proceed, 2 for usage errors (bad arguments, unknown ids, bad files).
  */
-import { Command, CommanderError, Option } from 'commander';
-import { existsSync, readFileSync } from 'node:fs';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { toDisplayJson } from '../../engine/codec.ts';
 import type { Engine, RunResult } from '../../engine/engine.ts';
@@ -42,7 +42,7 @@ class Cli {
 
   open(mustExist: boolean): Engine {
     const db = resolve(this.options.db ?? process.env.KEEL_DB ?? DEFAULT_DB);
-    if (mustExist && !existsSync(db)) {
+    if (mustExist && (!existsSync(db) || statSync(db).size === 0)) {
       throw new InputError(`No keel database at ${db}.`, {
         hint: 'Start a run first with `keel run FILE`, or point --db (or KEEL_DB) at an existing database.',
       });
@@ -154,6 +154,21 @@ function parseInput(text: string | undefined): object {
   return value;
 }
 
+function positiveInteger(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 1) {
+      throw new InvalidArgumentError(`${flag} takes a whole number of at least 1, got "${value}".`);
+    }
+    return n;
+  };
+}
+
+function packageVersion(): string {
+  const file = new URL('../../package.json', import.meta.url);
+  return (JSON.parse(readFileSync(file, 'utf8')) as { version: string }).version;
+}
+
 function program(): Command {
   const cli = (command: Command) => new Cli(command.optsWithGlobals<GlobalOptions>());
   const root = new Command('keel')
@@ -169,6 +184,7 @@ function program(): Command {
       ).choices(['NORMAL', 'FULL']),
     )
     .option('--no-progress', 'no progress output on stderr')
+    .version(packageVersion(), '-V, --version')
     .showHelpAfterError()
     .exitOverride();
 
@@ -255,7 +271,7 @@ function program(): Command {
       ),
     )
     .option('--workflow <name>', 'only runs of this workflow')
-    .option('--limit <n>', 'at most this many', (v) => Number.parseInt(v, 10))
+    .option('--limit <n>', 'at most this many', positiveInteger('--limit'))
     .action(
       async (opts: { status?: RunStatus; workflow?: string; limit?: number }, command: Command) => {
         const c = cli(command);

@@ -115,6 +115,7 @@ export const effects = sqliteTable(
     completionOrder: integer('completion_order'),
     compensationAttempts: integer('compensation_attempts').notNull().default(0),
     compensatedAt: integer('compensated_at'),
+    compensable: integer('compensable', { mode: 'boolean' }).notNull().default(false),
   },
   (t) => [primaryKey({ columns: [t.runId, t.key] })],
 );

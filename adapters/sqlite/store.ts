@@ -75,8 +75,8 @@ export class SqliteStore implements Store {
         'INSERT INTO steps (run_id, idx, epoch, name, status, attempts, next, started_at, ended_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
       ),
       upsertEffect: p(
-        `INSERT INTO effects (run_id, key, name, step, status, result, error, attempts, started_at, completed_at, completion_order, compensation_attempts, compensated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        `INSERT INTO effects (run_id, key, name, step, status, result, error, attempts, started_at, completed_at, completion_order, compensation_attempts, compensated_at, compensable)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, result = excluded.result,
            error = excluded.error, attempts = excluded.attempts, completed_at = excluded.completed_at,
            completion_order = excluded.completion_order, compensation_attempts = excluded.compensation_attempts,
@@ -281,6 +281,7 @@ export class SqliteStore implements Store {
       e.completionOrder,
       e.compensationAttempts,
       e.compensatedAt,
+      e.compensable ? 1 : 0,
     );
   }
 
