@@ -3,7 +3,16 @@ import globals from 'globals';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/', 'migrations/', '.keel/', 'outbox/', 'tests/fixtures/type-errors/'] },
+  {
+    ignores: [
+      'node_modules/',
+      'dist/',
+      'migrations/',
+      '.keel/',
+      'outbox/',
+      'tests/fixtures/type-errors/',
+    ],
+  },
   js.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {
