@@ -40,11 +40,13 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
   if (integrityCheck !== undefined) sqlite.integrityCheck = integrityCheck;
   const store = openSqliteStore(db ?? process.env.KEEL_DB ?? DEFAULT_DB, sqlite);
   const leaseMs = envMs('KEEL_LEASE_MS');
+  const maxStateBytes = envNumber('KEEL_MAX_STATE_BYTES');
   return new Engine({
     loadWorkflow: loadFromRecordedModule,
     crashPoint: crashPointsFromEnv(),
     ...(process.argv[1] ? { entryScript: resolve(process.argv[1]) } : {}),
     ...(leaseMs !== undefined ? { leaseMs } : {}),
+    ...(maxStateBytes !== undefined ? { maxStateBytes } : {}),
     ...engineOptions,
     store,
     host: localHost,
@@ -53,12 +55,17 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
 
 /** A duration in milliseconds from the environment, refusing nonsense instead of ignoring it. */
 function envMs(name: string): number | undefined {
+  return envNumber(name, 'milliseconds');
+}
+
+/** A positive number from the environment, refusing nonsense instead of ignoring it. */
+function envNumber(name: string, unit = 'bytes'): number | undefined {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return undefined;
   const value = Number(raw);
   if (!Number.isFinite(value) || value <= 0) {
-    throw new InputError(`${name}=${raw} is not a positive number of milliseconds.`, {
-      hint: `Unset it, or set it to e.g. ${name}=30000.`,
+    throw new InputError(`${name}=${raw} is not a positive number of ${unit}.`, {
+      hint: `Unset it, or set it to e.g. ${name}=${unit === 'bytes' ? 67108864 : 30000}.`,
     });
   }
   return value;

@@ -53,7 +53,7 @@ export function snapshotData(deps: EngineDeps, runId: string, step: string | nul
         code: ErrorCode.stateTooLarge,
         runId,
         ...(step ? { step } : {}),
-        hint: 'Keep large data (documents, embeddings, files) outside the state and store a reference, or raise maxStateBytes when opening the engine.',
+        hint: 'Keep large data (documents, embeddings, files) outside the state and store a reference, or raise the limit (openEngine({ maxStateBytes }) or KEEL_MAX_STATE_BYTES).',
       },
     );
   }

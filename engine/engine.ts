@@ -163,7 +163,16 @@ export class Engine {
     const now = clock.now();
     const encodedInput = encode(input);
     const state = decode<Draftable>(encodedInput);
-    const snapshot = snapshotData(this.deps, id, null, state);
+    let snapshot: string;
+    try {
+      snapshot = snapshotData(this.deps, id, null, state);
+    } catch (error) {
+      // No run exists yet: an input over the limit is the caller's to fix.
+      throw new InputError(
+        `The input of workflow "${definition.name}" is too large to start a run: ${(error as Error).message.split('\n')[0]}`,
+        { code: ErrorCode.stateTooLarge, cause: error, hint: (error as KeelError).hint ?? '' },
+      );
+    }
     const shape = definition.shape();
     const run: RunRecord = {
       id,

@@ -405,3 +405,31 @@ describe('databases keel cannot use are refused and left exactly as they were', 
     expect(list.map((r) => r.id)).toContain(runId);
   });
 });
+
+describe('inputs keel cannot start a run with', () => {
+  it('an input over the state limit is a usage error (exit 2) and creates no run', async () => {
+    const dir = tempDir('keel-big-input-');
+    const db = join(dir, 'keel.db');
+    const file = join(dir, 'big.json');
+    writeFileSync(file, JSON.stringify({ blob: 'x'.repeat(2048) }));
+    const result = await keel(
+      ['run', TWO, '--workflow', 'alpha', '--db', db, '--input', `@${file}`],
+      {
+        env: { KEEL_MAX_STATE_BYTES: '1024' },
+      },
+    );
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain('The input of workflow "alpha" is too large to start a run:');
+    expect(result.stderr).toContain('over the limit of 0.0 MB');
+    expect((await keelJson<unknown[]>(['ls', '--db', db])).length).toBe(0);
+  });
+
+  it('KEEL_MAX_STATE_BYTES that is not a positive number is refused, not ignored', async () => {
+    const dir = tempDir('keel-big-input-');
+    const result = await keel(['run', TWO, '--workflow', 'alpha', '--db', join(dir, 'k.db')], {
+      env: { KEEL_MAX_STATE_BYTES: 'lots' },
+    });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain('KEEL_MAX_STATE_BYTES=lots is not a positive number of bytes.');
+  });
+});

@@ -441,7 +441,9 @@ describe('C27: large states', () => {
     expect(run.stdout).toContain(
       'over the limit of 32.0 MB; nothing was written and the previous checkpoint is intact.',
     );
-    expect(run.stdout).toContain('raise maxStateBytes');
+    expect(run.stdout).toContain(
+      'raise the limit (openEngine({ maxStateBytes }) or KEEL_MAX_STATE_BYTES)',
+    );
     expect(existsSync(join(sink, 'check.log'))).toBe(false);
 
     const id = await onlyRunId(db);

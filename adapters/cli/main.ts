@@ -7,7 +7,13 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { toDisplayJson } from '../../engine/codec.ts';
 import type { Engine, RunResult } from '../../engine/engine.ts';
-import { ErrorCode, InputError, isKeelError, serializeError } from '../../engine/errors.ts';
+import {
+  ErrorCode,
+  InputError,
+  isInputError,
+  isKeelError,
+  serializeError,
+} from '../../engine/errors.ts';
 import { RunStatus } from '../../engine/store.ts';
 import { DEFAULT_DB, openEngine } from '../index.ts';
 import { consoleLogger, parseLogLevel } from '../console-logger.ts';
@@ -332,7 +338,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`keel: ${error instanceof Error ? error.message : String(error)}\n`);
     if (!isKeelError(error) && error instanceof Error && process.env.KEEL_DEBUG)
       process.stderr.write(`${error.stack}\n`);
-    return isKeelError(error) && USAGE_CODES.includes(error.code) ? 2 : 1;
+    return isInputError(error) || (isKeelError(error) && USAGE_CODES.includes(error.code)) ? 2 : 1;
   }
 }
 
