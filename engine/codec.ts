@@ -23,11 +23,6 @@ export function decode<T = unknown>(text: string): T {
   return fromTagged(JSON.parse(text)) as T;
 }
 
-/** Copies a value through the codec: what a reader in another process would see. */
-export function roundTrip<T>(value: T): T {
-  return decode<T>(encode(value));
-}
-
 function toTagged(value: unknown, path: PathSegment[], ancestors: Set<object>): unknown {
   switch (typeof value) {
     case 'string':

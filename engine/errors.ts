@@ -147,10 +147,11 @@ const isNamed =
   (error: unknown): error is T =>
     error instanceof Error && error.name === name;
 
+const CODES: ReadonlySet<string> = new Set(Object.values(ErrorCode));
+
+/** A keel error, including one read back from the database (recognised by its code). */
 export const isKeelError = (error: unknown): error is KeelError =>
-  error instanceof Error &&
-  typeof (error as Partial<KeelError>).code === 'string' &&
-  'hint' in error;
+  error instanceof Error && CODES.has((error as Partial<KeelError>).code ?? '');
 export const isDefinitionError = isNamed<DefinitionError>('DefinitionError');
 export const isInputError = isNamed<InputError>('InputError');
 export const isStateError = isNamed<StateError>('StateError');
