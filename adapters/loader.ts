@@ -103,7 +103,7 @@ export const loadFromRecordedModule: WorkflowLoader = async (run) => {
   if (!existsSync(run.module)) {
     throw new InputError(`Run ${run.id} was started from ${run.module}, which no longer exists.`, {
       runId: run.id,
-      hint: 'Restore the file (or move it back) and resume again.',
+      hint: `Restore it, or say where it is now: keel resume ${run.id} --file NEW_PATH (or keel rollback ${run.id} --file NEW_PATH).`,
     });
   }
   return loadWorkflow(run.module, run.workflow);

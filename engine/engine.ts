@@ -58,6 +58,8 @@ export type ResumeOptions = {
   workflow?: AnyWorkflow;
   /** Carry the run on under a changed graph whose version was raised. */
   allowVersionChange?: boolean;
+  /** Where the workflow's file is now (it moved): recorded for later resumes. */
+  module?: string;
 };
 
 /** How a run stands when the call that drove it returns. */
@@ -239,6 +241,8 @@ export class Engine {
     }
     const wf = await this.definitionFor(run, options);
     const update: RunUpdate = checkVersion(run, wf, options.allowVersionChange === true);
+    if (options.module !== undefined && options.module !== run.module)
+      update.module = options.module;
     const held = await this.claim(run, wf);
     if (run.status === RunStatus.failed)
       Object.assign(update, {

@@ -4,6 +4,7 @@
  * with the definition that started it.
  */
 import { spawnSync } from 'node:child_process';
+import { copyFileSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { FIXTURES, ROOT, keel, keelJson, lines, tempDir } from './support/index.ts';
@@ -46,5 +47,44 @@ describe('runs started from a script', () => {
       ) as unknown,
     });
     expect(lines(join(dir, 'top-level.log'))).toHaveLength(1);
+  });
+});
+
+describe('a workflow file that moved', () => {
+  it('resume --file NEW_PATH carries the run on and records where the file is now', async () => {
+    const dir = tempDir('keel-moved-');
+    const db = join(dir, 'keel.db');
+    const first = join(dir, 'charge.mts');
+    const moved = join(dir, 'renamed.mts');
+    copyFileSync(join(FIXTURES, 'fx-save.ts'), first);
+    const env = { FX_SAVE_DIR: dir };
+    const input = JSON.stringify({ order: 'm-1' });
+    const crashed = await keel(['run', first, '--db', db, '--input', input], {
+      env: { ...env, KEEL_CRASH_AT: 'step:after-commit@1' },
+    });
+    expect(crashed.signal).toBe('SIGKILL');
+    renameSync(first, moved);
+    const [run] = await keelJson<{ id: string }[]>(['ls', '--db', db]);
+    const id = run!.id;
+
+    const lost = await keel(['resume', id, '--db', db, '--no-progress'], { env });
+    expect(lost.code).toBe(2);
+    expect(lost.stderr).toContain(`Run ${id} was started from ${first}, which no longer exists.`);
+    expect(lost.stderr).toContain(`keel resume ${id} --file NEW_PATH`);
+
+    const resumed = await keel(['resume', id, '--file', moved, '--db', db, '--no-progress'], {
+      env,
+    });
+    expect(resumed.code, resumed.stderr).toBe(0);
+    const view = await keelJson<{ status: string; module: string; state: { note: string } }>([
+      'show',
+      id,
+      '--db',
+      db,
+    ]);
+    expect(view.status).toBe('completed');
+    expect(view.module).toBe(moved);
+    expect(view.state.note).toMatch(/^paid with r-\d+-\d+$/);
+    expect(lines(join(dir, 'calls.log'))).toEqual(['charge:m-1']);
   });
 });

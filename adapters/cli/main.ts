@@ -160,6 +160,12 @@ function parseInput(text: string | undefined): object {
   return value;
 }
 
+/** The run's workflow loaded from where its file is now, to resume or roll back with. */
+async function movedWorkflow(engine: Engine, id: string, file: string) {
+  const { workflow } = await engine.get(id);
+  return { workflow: await loadWorkflow(file, workflow), module: resolve(file) };
+}
+
 function positiveInteger(flag: string) {
   return (value: string): number => {
     const n = Number(value);
@@ -220,26 +226,31 @@ function program(): Command {
       '--allow-version-change',
       'carry a run on under a changed graph whose version was raised',
     )
+    .option('--file <path>', "the workflow's file, when it moved since the run started")
     .action(
       async (
         id: string | undefined,
-        opts: { all?: boolean; plan?: boolean; allowVersionChange?: boolean },
+        opts: { all?: boolean; plan?: boolean; allowVersionChange?: boolean; file?: string },
         command: Command,
       ) => {
         const c = cli(command);
         if (!id && !opts.all)
           throw new InputError('Give a run id, or --all.', { hint: 'List runs with `keel ls`.' });
         if (id && opts.all) throw new InputError('Give a run id or --all, not both.');
+        if (opts.file && !id) throw new InputError('--file needs a run id.');
         const engine = c.open(true);
         const allowVersionChange = opts.allowVersionChange === true;
+        const moved = id && opts.file ? await movedWorkflow(engine, id, opts.file) : {};
         if (opts.plan) {
           if (!id) throw new InputError('--plan needs a run id.');
-          const plan = await engine.plan(id, { allowVersionChange });
+          const plan = await engine.plan(id, { allowVersionChange, ...moved });
           c.print(formatPlan(plan), plan);
           return run(c, async () => 0);
         }
         if (id)
-          return run(c, async () => c.report(await engine.resume(id, { allowVersionChange })));
+          return run(c, async () =>
+            c.report(await engine.resume(id, { allowVersionChange, ...moved })),
+          );
         return run(c, async () => {
           const results = await engine.resumeAll({ allowVersionChange });
           const failed = results.filter(
@@ -262,10 +273,12 @@ function program(): Command {
     .command('rollback')
     .description("run the compensations of a run's applied effects, newest first")
     .argument('<run-id>')
-    .action(async (id: string, _opts: object, command: Command) => {
+    .option('--file <path>', "the workflow's file, when it moved since the run started")
+    .action(async (id: string, opts: { file?: string }, command: Command) => {
       const c = cli(command);
       const engine = c.open(true);
-      return run(c, async () => c.report(await engine.rollback(id)));
+      const moved = opts.file ? await movedWorkflow(engine, id, opts.file) : {};
+      return run(c, async () => c.report(await engine.rollback(id, moved)));
     });
 
   root
