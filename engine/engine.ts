@@ -253,7 +253,8 @@ export class Engine {
       });
     if (Object.keys(update).length > 0) await held.commit({ run: update }, 'resume');
     this.deps.emit({ type: 'run-resumed', runId, workflow: run.workflow, cursor: run.cursor });
-    const tracker = new StateTracker(await this.loadState(run));
+    // Read after the claim: a stalled owner may have committed until the moment it lost the run.
+    const tracker = new StateTracker(await this.loadState(held.run));
     return this.drive(held, tracker, await this.effectOrder(runId));
   }
 
@@ -306,7 +307,7 @@ export class Engine {
     this.held.add(held);
     held.startHeartbeat();
     try {
-      const state = await this.loadState(run);
+      const state = await this.loadState(held.run);
       const report = await rollbackHeld(this.deps, held, state);
       this.deps.emit({ type: 'run-ended', runId, status: held.run.status });
       return { ...this.result(held.run, state), rollback: report };

@@ -99,7 +99,10 @@ export function replay(checkpoints: readonly CheckpointRecord[]): Draftable {
   }
   let state = decode<Draftable>(snapshot.data);
   for (const checkpoint of tail) {
-    state = immer.applyPatches(state, decode<Patch[]>(checkpoint.data));
+    state =
+      checkpoint.kind === 'snapshot'
+        ? decode<Draftable>(checkpoint.data)
+        : immer.applyPatches(state, decode<Patch[]>(checkpoint.data));
   }
   return state;
 }
