@@ -2,7 +2,7 @@
  * The Anthropic provider: translates keel's unified LLM request and response to and from the
  * Messages API, and turns SDK errors into plain `ProviderError`s that carry no SDK types and no key.
  */
-import { ProviderError } from './provider-error.ts';
+import { ProviderError, networkCode, plainHeaders, scrubSecrets } from './provider-error.ts';
 import Anthropic from '@anthropic-ai/sdk';
 import type {
   ContentBlockParam,
@@ -187,54 +187,28 @@ export function fromAnthropicMessage(
   };
 }
 
-function plainHeaders(headers: Headers | undefined): Record<string, string> | undefined {
-  if (!headers) return undefined;
-  const out: Record<string, string> = {};
-  headers.forEach((value, key) => {
-    out[key.toLowerCase()] = value;
-  });
-  return out;
-}
-
-function causeCode(err: unknown): string | undefined {
-  let current: unknown = err;
-  for (let depth = 0; depth < 5 && current; depth += 1) {
-    const code = (current as { code?: unknown }).code;
-    if (typeof code === 'string') return code;
-    current = (current as { cause?: unknown }).cause;
-  }
-  return undefined;
-}
-
-function redact(text: string, secret: string): string {
-  return secret ? text.split(secret).join('[redacted]') : text;
-}
-
 /** Any error from the SDK (or fetch under it) → a ProviderFailure with no key in it. */
 export function toProviderFailure(err: unknown, apiKey: string): ProviderFailure {
-  const raw = err instanceof Error ? err.message : String(err);
-  const message = redact(raw, apiKey);
+  return scrubSecrets(describeFailure(err), apiKey);
+}
+
+function describeFailure(err: unknown): ProviderFailure {
+  const message = err instanceof Error ? err.message : String(err);
   if (err instanceof Anthropic.APIUserAbortError) {
     return { kind: 'network', code: 'ABORT_ERR', message };
   }
   if (err instanceof Anthropic.APIConnectionTimeoutError) {
     return { kind: 'timeout', message };
   }
-  if (err instanceof Anthropic.APIConnectionError) {
-    const code = causeCode(err.cause);
-    return { kind: 'network', ...(code === undefined ? {} : { code }), message };
-  }
-  if (err instanceof Anthropic.APIError) {
+  if (err instanceof Anthropic.APIError && !(err instanceof Anthropic.APIConnectionError)) {
     const failure: ProviderFailure = { message };
     if (typeof err.status === 'number') failure.status = err.status;
-    if (err.error !== undefined) {
-      failure.body = JSON.parse(redact(JSON.stringify(err.error), apiKey)) as unknown;
-    }
-    const headers = plainHeaders(err.headers as Headers | undefined);
+    if (err.error !== undefined) failure.body = err.error;
+    const headers = plainHeaders(err.headers);
     if (headers) failure.headers = headers;
     return failure;
   }
-  const code = causeCode(err);
+  const code = networkCode(err);
   return { kind: 'network', ...(code === undefined ? {} : { code }), message };
 }
 

@@ -3,7 +3,7 @@
  * OpenAI-compatible server (Ollama, LM Studio, llama.cpp, vLLM) and the hosted providers with an
  * OpenAI-compatible endpoint, through `PRESETS`.
  */
-import { ProviderError } from './provider-error.ts';
+import { ProviderError, networkCode, plainHeaders, scrubSecrets } from './provider-error.ts';
 import OpenAI, { APIConnectionTimeoutError, APIError } from 'openai';
 import type {
   ChatCompletion,
@@ -253,13 +253,8 @@ function toFailure(err: unknown, apiKey: string): ProviderFailure {
     // The SDK keeps the body's `error` member only; an OpenAI error body is `{ error }`.
     const body: unknown = api.error;
     if (body !== undefined) failure.body = { error: body };
-    if (api.headers) {
-      const headers: Record<string, string> = {};
-      for (const [k, v] of api.headers as unknown as Iterable<[string, string]>) {
-        headers[k.toLowerCase()] = v;
-      }
-      failure.headers = headers;
-    }
+    const headers = plainHeaders(api.headers);
+    if (headers) failure.headers = headers;
     if (err instanceof APIConnectionTimeoutError) {
       failure.kind = 'timeout';
     } else if (status === undefined) {
@@ -272,29 +267,5 @@ function toFailure(err: unknown, apiKey: string): ProviderFailure {
   } else {
     failure.message = String(err);
   }
-  return scrub(failure, apiKey) as ProviderFailure;
-}
-
-function networkCode(err: unknown): string | undefined {
-  let e: unknown = err;
-  for (let depth = 0; depth < 6 && typeof e === 'object' && e !== null; depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && /^E[A-Z]+/.test(code)) return code;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return undefined;
-}
-
-/** Replaces the key, and anything shaped like a secret key, in every string of a value. */
-function scrub(value: unknown, apiKey: string): unknown {
-  if (typeof value === 'string') {
-    let s = apiKey.length >= 4 ? value.split(apiKey).join('[key]') : value;
-    s = s.replace(/\b(sk|xai)-[A-Za-z0-9_*-]{6,}/g, '[key]');
-    return s;
-  }
-  if (Array.isArray(value)) return value.map((v) => scrub(v, apiKey));
-  if (typeof value === 'object' && value !== null) {
-    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, scrub(v, apiKey)]));
-  }
-  return value;
+  return scrubSecrets(failure, apiKey);
 }
