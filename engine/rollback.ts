@@ -241,7 +241,7 @@ async function settleInFlight(
 function handlersFor(held: HeldRun, name: string): Handlers | undefined {
   const node = held.workflow.node(name);
   if (node?.kind === 'effect') return node.effect;
-  return held.inlineEffects.get(name) ?? held.workflow.compensations.get(name);
+  return held.inlineEffects.get(name) ?? held.workflow.effectHandlers(name);
 }
 
 function newestFirst(a: EffectRecord, b: EffectRecord): number {

@@ -160,10 +160,7 @@ export function planResume(
   context: { now: number; live: boolean; allowVersionChange: boolean },
 ): ResumePlan {
   const pick = (e: EffectRecord) => ({ name: e.name, key: e.key });
-  const handlers = (name: string) => {
-    const node = wf?.node(name);
-    return node?.kind === 'effect' ? node.effect : wf?.compensations.get(name);
-  };
+  const handlers = (name: string) => wf?.effectHandlers(name);
   const inFlight = effects.filter(
     (e) => e.status === EffectStatus.started || e.status === EffectStatus.failed,
   );

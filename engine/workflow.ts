@@ -253,6 +253,12 @@ export class Workflow<S, Names extends string = never, Pending extends string = 
     return this.index().get(name)?.node;
   }
 
+  /** How to reconcile and undo the effect `name`: an effect step's own, or a registered one. */
+  effectHandlers(name: string): InlineCompensation | undefined {
+    const node = this.node(name);
+    return node?.kind === 'effect' ? node.effect : this.compensations.get(name);
+  }
+
   private lookup: Map<string, { node: GraphNode; position: number }> | undefined;
 
   private index(): Map<string, { node: GraphNode; position: number }> {
