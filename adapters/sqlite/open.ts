@@ -43,12 +43,13 @@ export function openDatabase(path: string, options: SqliteOptions = {}): Databas
     throw translate(error, file);
   }
   try {
-    checkIdentity(sqlite, file, options.migrationsFolder ?? MIGRATIONS_FOLDER);
+    const migrations = readMigrations(options.migrationsFolder ?? MIGRATIONS_FOLDER);
+    checkIdentity(sqlite, file, migrations.length);
     checkPages(sqlite, file, options.integrityCheck ?? true);
     enableWal(sqlite, options.busyTimeoutMs ?? 5_000);
     sqlite.pragma(`synchronous = ${options.synchronous ?? 'NORMAL'}`);
     sqlite.pragma('foreign_keys = ON');
-    applyMigrations(sqlite, readMigrations(options.migrationsFolder ?? MIGRATIONS_FOLDER), file);
+    applyMigrations(sqlite, migrations, file);
     return sqlite;
   } catch (error) {
     sqlite.close();
@@ -108,7 +109,7 @@ function prepareFile(file: string): void {
   }
 }
 
-function checkIdentity(sqlite: Database.Database, file: string, migrationsFolder: string): void {
+function checkIdentity(sqlite: Database.Database, file: string, known: number): void {
   // Both read in one transaction: a database that another process is creating at this moment is
   // seen before it began or with its application_id already set, never as tables without an id.
   const [appId, tables, schemaVersion] = sqlite.transaction(
@@ -136,7 +137,6 @@ function checkIdentity(sqlite: Database.Database, file: string, migrationsFolder
     sqlite.pragma(`application_id = ${KEEL_APPLICATION_ID}`);
   }
   const version = sqlite.pragma('user_version', { simple: true }) as number;
-  const known = readMigrations(migrationsFolder).length;
   if (version > known) {
     throw new DatabaseError(
       `${file} was written by a newer keel (schema ${version}; this keel knows up to ${known}); keel left it untouched.`,
