@@ -240,7 +240,12 @@ function stepContext(ex: Execution, step: string, attempt: number, root: object)
     step,
     attempt,
     signal: held.signal,
-    log: deps.logger.child({ runId: held.id, step, attempt }),
+    // Most steps never log: build the scoped logger on first use, not on every step.
+    get log() {
+      const log = deps.logger.child({ runId: held.id, step, attempt });
+      Object.defineProperty(this, 'log', { value: log });
+      return log;
+    },
     checkpoint: () => serial(() => commitDraft({}, 'checkpoint')),
     effect: <R>(name: string, effect: InlineEffect<unknown, R>) =>
       serial(async () => {
