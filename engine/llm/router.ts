@@ -9,17 +9,13 @@ import { classifyFailure } from './classify.ts';
 import type {
   Classified,
   FailureClass,
+  LlmProvider,
   LlmRequest,
   LlmResponse,
   ProviderFailure,
 } from './types.ts';
 
-/** Anything that answers a unified request; provider failures carry a `failure` field. */
-export interface LlmProvider {
-  name: string;
-  model: string;
-  complete(request: LlmRequest, signal?: AbortSignal): Promise<LlmResponse>;
-}
+export type { LlmProvider };
 
 export type RouterTier = {
   name: string;

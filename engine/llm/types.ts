@@ -115,3 +115,42 @@ export type Classified = {
   /** A short reason for logs and `keel show` (never a key or a prompt). */
   reason: string;
 };
+
+/** What a provider's stream yields: text as it arrives, usage as soon as it is known, then the answer. */
+export type ProviderStreamEvent =
+  | { type: 'text'; text: string }
+  /** Usage reported mid-stream (Anthropic's `message_start`); cumulative, not a delta. */
+  | { type: 'usage'; usage: Partial<LlmUsage> }
+  | { type: 'done'; response: LlmResponse };
+
+/**
+ * What `ctx.llm.stream()` yields. `restart` says that text already delivered is void: the call
+ * failed after its first token and starts again on `tier`; what follows is a whole new answer.
+ */
+export type LlmStreamEvent =
+  | { type: 'text'; text: string }
+  | { type: 'restart'; reason: string; tier: string }
+  | { type: 'done'; response: LlmResponse };
+
+/**
+ * Anything that answers a unified request. Failures are thrown as errors with a `failure:
+ * ProviderFailure` field, never with a key in their message. A stream that ends without its end
+ * event throws a failure of kind `truncated`; an error event inside a 200 stream throws a failure
+ * with the event's body and no status.
+ */
+export interface LlmProvider {
+  /** `anthropic`, `openai`, `ollama`, ... as shown to users. */
+  name: string;
+  /** The model used when a request names none. */
+  model: string;
+  complete(request: LlmRequest, signal?: AbortSignal): Promise<LlmResponse>;
+  stream?(request: LlmRequest, signal?: AbortSignal): AsyncIterable<ProviderStreamEvent>;
+}
+
+/** Price of a tier's tokens in US dollars per million tokens. */
+export type TierPrice = {
+  input: number;
+  output: number;
+  cacheRead?: number;
+  cacheWrite?: number;
+};
