@@ -1,4 +1,5 @@
 /** What the engine needs from its surroundings, all injected by the adapters that open it. */
+import type { Router } from './llm/router.ts';
 import type { Logger } from './logger.ts';
 import type { Store, RunRecord } from './store.ts';
 import type { Clock } from './time.ts';
@@ -41,6 +42,15 @@ export type RunEvent =
       key: string;
     }
   | { type: 'compensated'; runId: string; effect: string; key: string }
+  | {
+      type: 'llm-called';
+      runId: string;
+      step: string;
+      position: number;
+      tier: string;
+      /** Served from the journal, without a provider call. */
+      replayed: boolean;
+    }
   | { type: 'run-ended'; runId: string; status: string };
 
 export type EngineDeps = {
@@ -58,4 +68,6 @@ export type EngineDeps = {
   crashPoint: (name: string) => void;
   emit: (event: RunEvent) => void;
   random: () => number;
+  /** The LLM router behind `ctx.llm`, built on first use. */
+  llm: () => Promise<Router>;
 };

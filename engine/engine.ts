@@ -2,6 +2,7 @@
  * The engine: starts, resumes and rolls back runs over a {@link Store}. Adapters open it with a
  * concrete store (`openEngine` in the package entry); the engine itself does no I/O of its own.
  */
+import { lazyRouter, type LlmSource } from './llm/journal.ts';
 import { nanoid } from 'nanoid';
 import { decode, encode } from './codec.ts';
 import { snapshotData } from './checkpoint.ts';
@@ -44,6 +45,8 @@ export type EngineOptions = {
   /** The program's entry script: never recorded as a run's module (resuming would re-run it). */
   entryScript?: string;
   random?: () => number;
+  /** The LLM router behind `ctx.llm` (or a function that builds it on first use). */
+  llm?: LlmSource;
 };
 
 export type StartOptions = {
@@ -117,6 +120,7 @@ export class Engine {
         }
       },
       random: options.random ?? Math.random,
+      llm: lazyRouter(options.llm),
     };
     this.owner = `${options.host.name}:${options.host.pid}:${nanoid(8)}`;
     this.entryScript = options.entryScript;
@@ -324,6 +328,7 @@ export class Engine {
     const state = await this.loadState(run);
     return viewRun(run, state, await store.listSteps(runId), await store.listEffects(runId), {
       live: this.leaseIsLive(run),
+      llmCalls: await store.listLlmCalls(runId),
     });
   }
 

@@ -23,6 +23,9 @@ export const ErrorCode = {
   database: 'DATABASE',
   terminal: 'TERMINAL',
   staleState: 'STALE_STATE',
+  llmUnavailable: 'LLM_UNAVAILABLE',
+  llmRejected: 'LLM_REJECTED',
+  llmJournalMismatch: 'LLM_JOURNAL_MISMATCH',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -152,6 +155,9 @@ const CODES: ReadonlySet<string> = new Set(Object.values(ErrorCode));
 /** A keel error, including one read back from the database (recognised by its code). */
 export const isKeelError = (error: unknown): error is KeelError =>
   error instanceof Error && CODES.has((error as Partial<KeelError>).code ?? '');
+/** True for a keel error with this code, including one read back from the database. */
+export const hasCode = (error: unknown, code: ErrorCode): boolean =>
+  isKeelError(error) && error.code === code;
 export const isDefinitionError = isNamed<DefinitionError>('DefinitionError');
 export const isInputError = isNamed<InputError>('InputError');
 export const isStateError = isNamed<StateError>('StateError');

@@ -30,3 +30,27 @@ export { silentLogger, type Logger, type LogFields } from './logger.ts';
 export { RunStatus, EffectStatus } from './store.ts';
 export type * from './store.ts';
 export type { RollbackReport } from './rollback.ts';
+export {
+  createRouter,
+  LlmRejectedError,
+  LlmUnavailableError,
+  type Attempt,
+  type BreakerState,
+  type RoutedResponse,
+  type RoutedStreamEvent,
+  type Router,
+  type RouterOptions,
+  type RouterTier,
+  type RouterTimeouts,
+} from './llm/router.ts';
+export {
+  costOf,
+  LlmJournalMismatchError,
+  requestHash,
+  type LlmCall,
+  type LlmSource,
+} from './llm/journal.ts';
+export { classifyFailure } from './llm/classify.ts';
+export { memoryTierStates, type TierState, type TierStateStore } from './llm/tier-state.ts';
+export type * from './llm/types.ts';
+export { FailureClass } from './llm/types.ts';

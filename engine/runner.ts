@@ -12,6 +12,7 @@ import {
   DefinitionError,
   KeelError,
   ErrorCode,
+  hasCode,
   isDefinitionError,
   isEffectOutcomeUnknownError,
   isLeaseError,
@@ -21,6 +22,7 @@ import {
   StateError,
 } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
+import { journaledLlm } from './llm/journal.ts';
 import { rollbackHeld, type RollbackReport } from './rollback.ts';
 import type { StateTracker } from './state.ts';
 import { RunStatus, type EffectRecord, type Milestone, type StepRecord } from './store.ts';
@@ -87,7 +89,7 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
     const draft = tracker.begin();
     try {
       held.signal.throwIfAborted();
-      await node.run(draft, stepContext(ex, node.name, attempt, draft));
+      await node.run(draft, stepContext(ex, node.name, index, attempt, draft));
       if (tracker.poisoned) throw tracker.poisoned;
       const { patches, next } = tracker.finish();
       const target = decide(ex, node.name, next);
@@ -204,7 +206,13 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
   }
 }
 
-function stepContext(ex: Execution, step: string, attempt: number, root: object): StepContext {
+function stepContext(
+  ex: Execution,
+  step: string,
+  stepIndex: number,
+  attempt: number,
+  root: object,
+): StepContext {
   const { deps, held, tracker } = ex;
   let writes = Promise.resolve();
   // Milestones from one step are written one at a time, in the order they were asked for.
@@ -245,6 +253,12 @@ function stepContext(ex: Execution, step: string, attempt: number, root: object)
       const log = deps.logger.child({ runId: held.id, step, attempt });
       Object.defineProperty(this, 'log', { value: log });
       return log;
+    },
+    // Built on first use, like `log`: most steps never call an LLM.
+    get llm() {
+      const llm = journaledLlm({ deps, held, step, stepIndex, router: deps.llm });
+      Object.defineProperty(this, 'llm', { value: llm });
+      return llm;
     },
     checkpoint: () => serial(() => commitDraft({}, 'checkpoint')),
     effect: <R>(name: string, effect: InlineEffect<unknown, R>) =>
@@ -361,7 +375,9 @@ export function isRetryable(error: unknown): boolean {
     isStateError(error) ||
     isDefinitionError(error) ||
     isEffectOutcomeUnknownError(error) ||
-    isTerminalError(error)
+    isTerminalError(error) ||
+    hasCode(error, ErrorCode.llmRejected) ||
+    hasCode(error, ErrorCode.llmJournalMismatch)
   );
 }
 

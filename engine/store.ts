@@ -7,6 +7,8 @@
  * every implementation must pass.
  */
 
+import type { TierStateStore } from './llm/tier-state.ts';
+
 export const RunStatus = {
   running: 'running',
   waiting: 'waiting',
@@ -143,6 +145,36 @@ export type EffectRecord = {
   compensable: boolean;
 };
 
+/** One `ctx.llm` call in the run's journal, keyed by its step execution and its position in it. */
+export type LlmCallRecord = {
+  runId: string;
+  stepIndex: number;
+  position: number;
+  step: string;
+  requestHash: string;
+  status: 'completed' | 'failed';
+  streamed: boolean;
+  /** The unified response as JSON (null while failed). */
+  response: string | null;
+  /** The serialized error of a failed call. */
+  error: string | null;
+  tier: string | null;
+  provider: string | null;
+  model: string | null;
+  degraded: boolean;
+  /** JSON array of the router's attempts. */
+  attempts: string;
+  inputTokens: number;
+  outputTokens: number;
+  cacheReadTokens: number;
+  cacheWriteTokens: number;
+  costUsd: number | null;
+  latencyMs: number;
+  replays: number;
+  createdAt: number;
+  updatedAt: number;
+};
+
 /** What one milestone writes. */
 export type Milestone = {
   run?: RunUpdate;
@@ -162,7 +194,7 @@ export type CommitHooks = { inside?: () => void };
 
 export type LeaseClaim = { owner: string; pid: number; host: string; expiresAt: number };
 
-export interface Store {
+export interface Store extends TierStateStore {
   /** Inserts a run, held by `lease` at epoch 1, with its first snapshot. */
   createRun(run: RunRecord, snapshot: CheckpointRecord): Promise<void>;
   getRun(id: string): Promise<RunRecord | undefined>;
@@ -184,5 +216,14 @@ export interface Store {
   listSteps(id: string): Promise<StepRecord[]>;
   listEffects(id: string): Promise<EffectRecord[]>;
   getEffect(id: string, key: string): Promise<EffectRecord | undefined>;
+  /**
+   * Writes a call to the journal (replacing the row at its position) if `epoch` is still the run's
+   * lease epoch; otherwise writes nothing and throws `LEASE_LOST`.
+   */
+  recordLlmCall(epoch: number, call: LlmCallRecord): Promise<void>;
+  getLlmCall(id: string, stepIndex: number, position: number): Promise<LlmCallRecord | undefined>;
+  /** Counts one more answer served from the journal. */
+  markLlmReplayed(id: string, stepIndex: number, position: number, at: number): Promise<void>;
+  listLlmCalls(id: string): Promise<LlmCallRecord[]>;
   close(): Promise<void>;
 }

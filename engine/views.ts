@@ -6,6 +6,7 @@ import {
   EffectStatus,
   RunStatus,
   type EffectRecord,
+  type LlmCallRecord,
   type RunRecord,
   type StepRecord,
 } from './store.ts';
@@ -54,6 +55,50 @@ export type EffectView = {
   compensable: boolean;
 };
 
+/** One `ctx.llm` call, as `keel show` lists it. */
+export type LlmCallView = {
+  step: string;
+  stepIndex: number;
+  position: number;
+  status: 'completed' | 'failed';
+  /** The tier that answered (null when none did). */
+  tier: string | null;
+  provider: string | null;
+  model: string | null;
+  degraded: boolean;
+  streamed: boolean;
+  attempts: {
+    tier: string;
+    class: string | null;
+    status: number | null;
+    waitMs: number | null;
+    latencyMs: number | null;
+    cancelled: boolean;
+    hedge: boolean;
+  }[];
+  /** How many times the call moved from one tier to another. */
+  failovers: number;
+  inputTokens: number;
+  outputTokens: number;
+  cacheReadTokens: number;
+  cacheWriteTokens: number;
+  costUsd: number | null;
+  latencyMs: number;
+  /** True when the answer was served from the journal at least once, instead of a provider. */
+  replayed: boolean;
+  replays: number;
+  error: SerializedError | null;
+};
+
+/** Token and cost totals over a run's LLM calls. */
+export type LlmUsageView = {
+  calls: number;
+  inputTokens: number;
+  outputTokens: number;
+  /** US dollars; null when a call's tier has no price. */
+  costUsd: number | null;
+};
+
 export type RunView = RunSummary & {
   module: string | null;
   input: unknown;
@@ -61,6 +106,8 @@ export type RunView = RunSummary & {
   lease: { owner: string; pid: number; host: string; expiresAt: number } | null;
   steps: StepView[];
   effects: EffectView[];
+  llmCalls: LlmCallView[];
+  llmUsage: LlmUsageView;
 };
 
 const parseError = (text: string | null) => (text ? (JSON.parse(text) as SerializedError) : null);
@@ -70,7 +117,7 @@ export function viewRun(
   state: unknown,
   steps: StepRecord[],
   effects: EffectRecord[],
-  { live }: { live: boolean },
+  { live, llmCalls = [] }: { live: boolean; llmCalls?: LlmCallRecord[] },
 ): RunView {
   const stepViews: StepView[] = steps.map((s) => ({
     index: s.index,
@@ -129,6 +176,59 @@ export function viewRun(
       compensatedAt: e.compensatedAt,
       compensable: e.compensable,
     })),
+    llmCalls: llmCalls.map(viewLlmCall),
+    llmUsage: {
+      calls: llmCalls.length,
+      inputTokens: llmCalls.reduce((sum, c) => sum + c.inputTokens, 0),
+      outputTokens: llmCalls.reduce((sum, c) => sum + c.outputTokens, 0),
+      costUsd: llmCalls.some((c) => c.costUsd === null)
+        ? null
+        : llmCalls.reduce((sum, c) => sum + (c.costUsd ?? 0), 0),
+    },
+  };
+}
+
+type StoredAttempt = {
+  tier: string;
+  class?: string;
+  status?: number;
+  waitMs?: number;
+  latencyMs?: number;
+  cancelled?: boolean;
+  hedge?: boolean;
+};
+
+function viewLlmCall(c: LlmCallRecord): LlmCallView {
+  const attempts = (JSON.parse(c.attempts) as StoredAttempt[]).map((a) => ({
+    tier: a.tier,
+    class: a.class ?? null,
+    status: a.status ?? null,
+    waitMs: a.waitMs ?? null,
+    latencyMs: a.latencyMs ?? null,
+    cancelled: a.cancelled === true,
+    hedge: a.hedge === true,
+  }));
+  return {
+    step: c.step,
+    stepIndex: c.stepIndex,
+    position: c.position,
+    status: c.status,
+    tier: c.tier,
+    provider: c.provider,
+    model: c.model,
+    degraded: c.degraded,
+    streamed: c.streamed,
+    attempts,
+    failovers: attempts.filter((a, i) => i > 0 && a.tier !== attempts[i - 1]!.tier).length,
+    inputTokens: c.inputTokens,
+    outputTokens: c.outputTokens,
+    cacheReadTokens: c.cacheReadTokens,
+    cacheWriteTokens: c.cacheWriteTokens,
+    costUsd: c.costUsd,
+    latencyMs: c.latencyMs,
+    replayed: c.replays > 0,
+    replays: c.replays,
+    error: parseError(c.error),
   };
 }
 

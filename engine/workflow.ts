@@ -7,6 +7,7 @@
  */
 import type { Draft } from 'immer';
 import { DefinitionError } from './errors.ts';
+import type { LlmCall } from './llm/journal.ts';
 import type { Logger } from './logger.ts';
 import type { Duration } from './time.ts';
 
@@ -107,6 +108,17 @@ export interface StepContext<S = unknown> {
    * });
    */
   effect<R>(name: string, effect: InlineEffect<Readonly<S>, R>): Promise<R>;
+  /**
+   * Calls an LLM through the configured tiers, with fallback, retries and circuit breakers, and
+   * records the answer in the run's journal: when the step runs again after a crash, a call that
+   * already completed returns its recorded answer without a provider call. `ctx.llm.stream()`
+   * yields text as it arrives (and a `restart` event when an answer failed midway and starts over
+   * on another tier).
+   * @example
+   * const res = await ctx.llm({ system: 'Be brief.', messages: [{ role: 'user', content: q }], maxTokens: 300 });
+   * state.answer = res.text;
+   */
+  readonly llm: LlmCall;
 }
 
 export type StepFn<S> = (state: Draft<S>, ctx: StepContext<S>) => Promise<void> | void;

@@ -10,7 +10,7 @@
  * never take child rows with it (see `migrate.ts`).
  */
 
-import { index, integer, primaryKey, sqliteTable, text } from 'drizzle-orm/sqlite-core';
+import { index, integer, primaryKey, real, sqliteTable, text } from 'drizzle-orm/sqlite-core';
 
 export const runs = sqliteTable(
   'runs',
@@ -119,3 +119,62 @@ export const effects = sqliteTable(
   },
   (t) => [primaryKey({ columns: [t.runId, t.key] })],
 );
+
+/**
+ * The LLM journal: one row per `ctx.llm` call, keyed by the step execution and the call's position
+ * in it, so that a step run again after a crash gets its completed calls back without paying again.
+ * A failed call keeps its attempts; a later success at the same position replaces it.
+ */
+export const llmCalls = sqliteTable(
+  'llm_calls',
+  {
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    /** The step execution's index (`steps.idx`), and the call's position within it. */
+    stepIndex: integer('step_index').notNull(),
+    position: integer('position').notNull(),
+    step: text('step').notNull(),
+    /** sha256 of the canonical request: a different request at this position is an error. */
+    requestHash: text('request_hash').notNull(),
+    status: text('status', { enum: ['completed', 'failed'] }).notNull(),
+    streamed: integer('streamed', { mode: 'boolean' }).notNull().default(false),
+    /** The unified response as JSON; null for a failed call. */
+    response: text('response'),
+    error: text('error'),
+    tier: text('tier'),
+    provider: text('provider'),
+    model: text('model'),
+    degraded: integer('degraded', { mode: 'boolean' }).notNull().default(false),
+    /** JSON array of the router's attempts, failures, waits and cancelled hedges included. */
+    attempts: text('attempts').notNull(),
+    inputTokens: integer('input_tokens').notNull().default(0),
+    outputTokens: integer('output_tokens').notNull().default(0),
+    cacheReadTokens: integer('cache_read_tokens').notNull().default(0),
+    cacheWriteTokens: integer('cache_write_tokens').notNull().default(0),
+    /** US dollars over every attempt with a known usage; null when a tier has no price. */
+    costUsd: real('cost_usd'),
+    latencyMs: integer('latency_ms').notNull().default(0),
+    /** How many times the recorded answer was served again instead of calling a provider. */
+    replays: integer('replays').notNull().default(0),
+    createdAt: integer('created_at').notNull(),
+    updatedAt: integer('updated_at').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.runId, t.stepIndex, t.position] })],
+);
+
+/**
+ * Each LLM tier's breaker, quota cooldown and misconfiguration, shared by every process on the
+ * database so that one that sees a provider go down spares the others the timeouts.
+ */
+export const llmTiers = sqliteTable('llm_tiers', {
+  tier: text('tier').primaryKey(),
+  breaker: text('breaker', { enum: ['closed', 'open', 'half_open'] }).notNull(),
+  failures: integer('failures').notNull(),
+  openUntil: integer('open_until').notNull(),
+  probeOwner: text('probe_owner'),
+  probeUntil: integer('probe_until').notNull(),
+  downUntil: integer('down_until').notNull(),
+  misconfigured: text('misconfigured'),
+  updatedAt: integer('updated_at').notNull(),
+});

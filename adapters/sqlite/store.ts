@@ -15,6 +15,7 @@ import type {
   CommitHooks,
   EffectRecord,
   LeaseClaim,
+  LlmCallRecord,
   Milestone,
   RunFilter,
   RunRecord,
@@ -24,10 +25,11 @@ import type {
   Store,
   EffectStatus,
 } from '../../engine/store.ts';
+import { initialTierState, type TierState } from '../../engine/llm/tier-state.ts';
 import { openDatabase, translate, type SqliteOptions } from './open.ts';
 import * as schema from './schema.ts';
 
-const { runs, runSpecs, checkpoints, steps, effects } = schema;
+const { runs, runSpecs, checkpoints, steps, effects, llmCalls, llmTiers } = schema;
 type RunRow = typeof runs.$inferSelect & Omit<typeof runSpecs.$inferSelect, 'runId'>;
 const RUN_SELECTION = {
   ...getTableColumns(runs),
@@ -61,6 +63,8 @@ export class SqliteStore implements Store {
   private readonly runUpdates = new Map<string, Database.Statement>();
   private readonly statements;
   private readonly commitTx;
+  private readonly recordLlmTx;
+  private readonly updateTierTx;
 
   constructor(sqlite: Database.Database, file: string) {
     this.sqlite = sqlite;
@@ -89,7 +93,69 @@ export class SqliteStore implements Store {
       renewLease: p(
         'UPDATE runs SET lease_expires_at = ? WHERE id = ? AND epoch = ? AND lease_owner IS NOT NULL',
       ),
+      heldAt: p('SELECT 1 FROM runs WHERE id = ? AND epoch = ?'),
+      upsertLlmCall: p(
+        `INSERT OR REPLACE INTO llm_calls (run_id, step_index, position, step, request_hash, status, streamed,
+           response, error, tier, provider, model, degraded, attempts, input_tokens, output_tokens,
+           cache_read_tokens, cache_write_tokens, cost_usd, latency_ms, replays, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      ),
+      getLlmCall: p('SELECT * FROM llm_calls WHERE run_id = ? AND step_index = ? AND position = ?'),
+      markLlmReplayed: p(
+        'UPDATE llm_calls SET replays = replays + 1, updated_at = ? WHERE run_id = ? AND step_index = ? AND position = ?',
+      ),
+      getTier: p('SELECT * FROM llm_tiers WHERE tier = ?'),
+      putTier: p(
+        `INSERT OR REPLACE INTO llm_tiers (tier, breaker, failures, open_until, probe_owner, probe_until,
+           down_until, misconfigured, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      ),
     };
+    this.recordLlmTx = sqlite.transaction((epoch: number, c: LlmCallRecord) => {
+      if (this.statements.heldAt.get(c.runId, epoch) === undefined) throw leaseLost(c.runId, epoch);
+      this.statements.upsertLlmCall.run(
+        c.runId,
+        c.stepIndex,
+        c.position,
+        c.step,
+        c.requestHash,
+        c.status,
+        c.streamed ? 1 : 0,
+        c.response,
+        c.error,
+        c.tier,
+        c.provider,
+        c.model,
+        c.degraded ? 1 : 0,
+        c.attempts,
+        c.inputTokens,
+        c.outputTokens,
+        c.cacheReadTokens,
+        c.cacheWriteTokens,
+        c.costUsd,
+        c.latencyMs,
+        c.replays,
+        c.createdAt,
+        c.updatedAt,
+      );
+    });
+    this.updateTierTx = sqlite.transaction(
+      (tier: string, change: (current: TierState) => TierState): TierState => {
+        const row = this.statements.getTier.get(tier) as TierRow | undefined;
+        const next = change(row ? fromTierRow(row) : initialTierState(tier));
+        this.statements.putTier.run(
+          tier,
+          next.breaker,
+          next.failures,
+          next.openUntil,
+          next.probeOwner,
+          next.probeUntil,
+          next.downUntil,
+          next.misconfigured,
+          next.updatedAt,
+        );
+        return next;
+      },
+    );
     this.commitTx = sqlite.transaction(
       (id: string, epoch: number, milestone: Milestone, now: number, hooks?: CommitHooks) => {
         const changed = this.updateRun(id, epoch, milestone.run ?? {}, now);
@@ -225,6 +291,52 @@ export class SqliteStore implements Store {
     return row && { ...row, status: row.status as EffectStatus };
   }
 
+  async recordLlmCall(epoch: number, call: LlmCallRecord): Promise<void> {
+    this.guard(() => this.recordLlmTx.immediate(epoch, call));
+  }
+
+  async getLlmCall(
+    id: string,
+    stepIndex: number,
+    position: number,
+  ): Promise<LlmCallRecord | undefined> {
+    const row = this.guard(
+      () => this.statements.getLlmCall.get(id, stepIndex, position) as LlmCallRow | undefined,
+    );
+    return row && fromLlmCallRow(row);
+  }
+
+  async markLlmReplayed(id: string, stepIndex: number, position: number, at: number) {
+    this.guard(() => this.statements.markLlmReplayed.run(at, id, stepIndex, position));
+  }
+
+  async listLlmCalls(id: string): Promise<LlmCallRecord[]> {
+    return this.guard(() =>
+      this.db
+        .select()
+        .from(llmCalls)
+        .where(eq(llmCalls.runId, id))
+        .orderBy(asc(llmCalls.stepIndex), asc(llmCalls.position))
+        .all(),
+    ).map((r) => ({ ...r, status: r.status }));
+  }
+
+  async readTierState(tier: string): Promise<TierState | undefined> {
+    const row = this.guard(() => this.statements.getTier.get(tier) as TierRow | undefined);
+    return row && fromTierRow(row);
+  }
+
+  async updateTierState(
+    tier: string,
+    change: (current: TierState) => TierState,
+  ): Promise<TierState> {
+    return this.guard(() => this.updateTierTx.immediate(tier, change));
+  }
+
+  async listTierStates(): Promise<TierState[]> {
+    return this.guard(() => this.db.select().from(llmTiers).orderBy(asc(llmTiers.tier)).all());
+  }
+
   async close(): Promise<void> {
     if (this.sqlite.open) this.sqlite.close();
   }
@@ -304,6 +416,82 @@ function leaseLost(id: string, epoch: number): LeaseError {
     },
   );
 }
+
+type TierRow = {
+  tier: string;
+  breaker: TierState['breaker'];
+  failures: number;
+  open_until: number;
+  probe_owner: string | null;
+  probe_until: number;
+  down_until: number;
+  misconfigured: string | null;
+  updated_at: number;
+};
+
+const fromTierRow = (r: TierRow): TierState => ({
+  tier: r.tier,
+  breaker: r.breaker,
+  failures: r.failures,
+  openUntil: r.open_until,
+  probeOwner: r.probe_owner,
+  probeUntil: r.probe_until,
+  downUntil: r.down_until,
+  misconfigured: r.misconfigured,
+  updatedAt: r.updated_at,
+});
+
+type LlmCallRow = {
+  run_id: string;
+  step_index: number;
+  position: number;
+  step: string;
+  request_hash: string;
+  status: LlmCallRecord['status'];
+  streamed: number;
+  response: string | null;
+  error: string | null;
+  tier: string | null;
+  provider: string | null;
+  model: string | null;
+  degraded: number;
+  attempts: string;
+  input_tokens: number;
+  output_tokens: number;
+  cache_read_tokens: number;
+  cache_write_tokens: number;
+  cost_usd: number | null;
+  latency_ms: number;
+  replays: number;
+  created_at: number;
+  updated_at: number;
+};
+
+const fromLlmCallRow = (r: LlmCallRow): LlmCallRecord => ({
+  runId: r.run_id,
+  stepIndex: r.step_index,
+  position: r.position,
+  step: r.step,
+  requestHash: r.request_hash,
+  status: r.status,
+  streamed: r.streamed === 1,
+  response: r.response,
+  error: r.error,
+  tier: r.tier,
+  provider: r.provider,
+  model: r.model,
+  degraded: r.degraded === 1,
+  attempts: r.attempts,
+  inputTokens: r.input_tokens,
+  outputTokens: r.output_tokens,
+  cacheReadTokens: r.cache_read_tokens,
+  cacheWriteTokens: r.cache_write_tokens,
+  costUsd: r.cost_usd,
+  latencyMs: r.latency_ms,
+  replays: r.replays,
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+});
 
 function toRow(
   run: RunRecord,
