@@ -9,6 +9,10 @@
 import { resolve } from 'node:path';
 import { Engine, type EngineOptions } from '../engine/engine.ts';
 import { InputError } from '../engine/errors.ts';
+import { createRouter, type Router } from '../engine/llm/router.ts';
+import type { TierStateStore } from '../engine/llm/tier-state.ts';
+import { systemClock, type Clock } from '../engine/time.ts';
+import { buildTiers, loadLlmConfig, routerOptionsFrom, type LlmConfig } from './llm/config.ts';
 import { crashPointsFromEnv } from './crash-points.ts';
 import { localHost } from './host.ts';
 import { loadFromRecordedModule } from './loader.ts';
@@ -19,19 +23,37 @@ export * from '../engine/index.ts';
 export { openSqliteStore, SqliteStore } from './sqlite/store.ts';
 export type { SqliteOptions } from './sqlite/open.ts';
 export { loadWorkflow, loadWorkflows } from './loader.ts';
+export { anthropicProvider } from './llm/anthropic.ts';
+export { openaiProvider, PRESETS, presetOptions } from './llm/openai.ts';
+export { buildTiers, loadLlmConfig, type LlmConfig, type TierConfig } from './llm/config.ts';
+export { degradedProvider } from '../engine/llm/degraded.ts';
 
-export type OpenEngineOptions = Omit<EngineOptions, 'store' | 'host'> &
+export type OpenEngineOptions = Omit<EngineOptions, 'store' | 'host' | 'llm'> &
   SqliteOptions & {
     /** Path of the SQLite database (default `KEEL_DB`, else `.keel/keel.db`); created if missing. */
     db?: string;
+    /**
+     * The LLM tiers behind `ctx.llm`: a configuration (as the `llm` key of `keel.config.json`), a
+     * router, or a function that builds one over the database's shared breaker state. Default: the
+     * `llm` key of `keel.config.json` (or the file `KEEL_CONFIG` names), else the default chain
+     * from the environment (ANTHROPIC_API_KEY, OPENAI_API_KEY, a local server, the offline tier).
+     */
+    llm?: LlmConfig | Router | ((states: TierStateStore) => Router | Promise<Router>);
   };
 
 export const DEFAULT_DB = '.keel/keel.db';
 
 /** Opens an engine over a SQLite database file, creating and migrating it as needed. */
 export function openEngine(options: OpenEngineOptions = {}): Engine {
-  const { db, synchronous, busyTimeoutMs, migrationsFolder, integrityCheck, ...engineOptions } =
-    options;
+  const {
+    db,
+    synchronous,
+    busyTimeoutMs,
+    migrationsFolder,
+    integrityCheck,
+    llm,
+    ...engineOptions
+  } = options;
   const sqlite: SqliteOptions = {};
   if (synchronous) sqlite.synchronous = synchronous;
   const busy = busyTimeoutMs ?? envMs('KEEL_BUSY_TIMEOUT_MS');
@@ -48,9 +70,26 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
     ...(leaseMs !== undefined ? { leaseMs } : {}),
     ...(maxStateBytes !== undefined ? { maxStateBytes } : {}),
     ...engineOptions,
+    llm: () => routerFor(llm, store, engineOptions.clock ?? systemClock),
     store,
     host: localHost,
   });
+}
+
+const isRouter = (value: unknown): value is Router =>
+  typeof value === 'object' && value !== null && 'complete' in value && 'stream' in value;
+
+/** Builds the router `ctx.llm` uses, on first use, sharing breakers through `states`. */
+async function routerFor(
+  llm: OpenEngineOptions['llm'],
+  states: TierStateStore,
+  clock: Clock,
+): Promise<Router> {
+  if (isRouter(llm)) return llm;
+  if (typeof llm === 'function') return llm(states);
+  const config = llm ?? loadLlmConfig({ cwd: process.cwd() });
+  const { tiers } = await buildTiers(config, { env: process.env });
+  return createRouter({ ...routerOptionsFrom(config), tiers, clock, states });
 }
 
 /** A duration in milliseconds from the environment, refusing nonsense instead of ignoring it. */

@@ -74,8 +74,65 @@ export function formatRun(run: RunView): string {
       ),
     );
   }
+  if (run.llmCalls.length > 0) {
+    out.push('', 'llm calls');
+    out.push(
+      indent(
+        table(
+          [
+            '#',
+            'step',
+            'tier',
+            'model',
+            'attempts',
+            'failovers',
+            'tokens in/out',
+            'latency',
+            'cost',
+            'note',
+          ],
+          run.llmCalls.map((c) => [
+            `${c.stepIndex}.${c.position}`,
+            c.step,
+            c.tier ?? '-',
+            c.model ?? '-',
+            attemptsSummary(c.attempts),
+            String(c.failovers),
+            `${c.inputTokens}/${c.outputTokens}`,
+            duration(c.latencyMs),
+            c.costUsd === null ? '-' : `$${c.costUsd.toFixed(4)}`,
+            [
+              c.status === 'failed' && c.error ? errorSummary(c.error).slice(0, 50) : '',
+              c.degraded ? 'degraded' : '',
+              c.replayed ? `replayed x${c.replays}` : '',
+            ]
+              .filter(Boolean)
+              .join(', '),
+          ]),
+        ),
+      ),
+    );
+    const u = run.llmUsage;
+    out.push(
+      indent(
+        `total: ${u.calls} call(s), ${u.inputTokens} input and ${u.outputTokens} output tokens` +
+          (u.costUsd === null ? '' : `, $${u.costUsd.toFixed(4)}`),
+      ),
+    );
+  }
   out.push('', `state     ${compact(run.state, 200)}`);
   return out.join('\n');
+}
+
+/** `primary:server(500) > secondary:ok`: each attempt's tier and how it ended. */
+function attemptsSummary(attempts: RunView['llmCalls'][number]['attempts']): string {
+  return attempts
+    .map((a) => {
+      if (a.cancelled) return `${a.tier}:cancelled`;
+      if (a.class === null) return `${a.tier}:ok`;
+      return `${a.tier}:${a.class}${a.status === null ? '' : `(${a.status})`}`;
+    })
+    .join(' > ');
 }
 
 export function formatList(runs: RunSummary[]): string {
