@@ -9,6 +9,7 @@ import { isLeaseError } from '../engine/errors.ts';
 import type {
   CheckpointRecord,
   EffectRecord,
+  LlmCallRecord,
   Milestone,
   RunRecord,
   StepRecord,
@@ -102,6 +103,36 @@ function effectRecord(runId: string, key: string, overrides: Partial<EffectRecor
     compensationAttempts: 0,
     compensatedAt: null,
     compensable: true,
+    ...overrides,
+  };
+  return record;
+}
+
+function llmCall(runId: string, position: number, overrides: Partial<LlmCallRecord> = {}) {
+  const record: LlmCallRecord = {
+    runId,
+    stepIndex: 1,
+    position,
+    step: 'ask',
+    requestHash: `hash-${position}`,
+    status: 'completed',
+    streamed: false,
+    response: `{"text":"answer ${position}"}`,
+    error: null,
+    tier: 'primary',
+    provider: 'anthropic',
+    model: 'claude-x',
+    degraded: false,
+    attempts: '[{"tier":"primary"}]',
+    inputTokens: 120,
+    outputTokens: 30,
+    cacheReadTokens: 5,
+    cacheWriteTokens: 7,
+    costUsd: 0.00081,
+    latencyMs: 412,
+    replays: 0,
+    createdAt: T0 + 200,
+    updatedAt: T0 + 200,
     ...overrides,
   };
   return record;
@@ -502,6 +533,83 @@ export function storeConformance(name: string, open: OpenStore): void {
       expect(await store.getEffect('keys', 'publish:A')).toBeUndefined();
       expect(await store.getEffect('nobody', 'publish:a')).toBeUndefined();
       expect((await store.getEffect('keys', 'publish:a'))?.key).toBe('publish:a');
+    });
+
+    it('the LLM journal keeps every field of a call, one row per (run, step index, position), in order', async () => {
+      await create(runRecord('journal'));
+      const failed = llmCall('journal', 1, {
+        status: 'failed',
+        response: null,
+        error: '{"name":"LlmUnavailableError"}',
+        tier: null,
+        provider: null,
+        model: null,
+        costUsd: null,
+      });
+      await store.recordLlmCall(1, llmCall('journal', 0));
+      await store.recordLlmCall(1, failed);
+      expect(await store.getLlmCall('journal', 1, 1)).toStrictEqual(failed);
+      // A later success at the same position replaces the failed row.
+      const answered = llmCall('journal', 1, {
+        streamed: true,
+        degraded: true,
+        updatedAt: T0 + 900,
+      });
+      await store.recordLlmCall(1, answered);
+      await store.markLlmReplayed('journal', 1, 0, T0 + 1_000);
+      expect(await store.listLlmCalls('journal')).toStrictEqual([
+        llmCall('journal', 0, { replays: 1, updatedAt: T0 + 1_000 }),
+        answered,
+      ]);
+      expect(await store.getLlmCall('journal', 2, 0)).toBeUndefined();
+      expect(await store.listLlmCalls('nobody')).toStrictEqual([]);
+    });
+
+    it('C02: a journal write under a stale epoch throws LEASE_LOST and writes nothing', async () => {
+      await create(runRecord('fenced'));
+      const epoch = await store.claimLease('fenced', 1, claim('taker'));
+      expect(epoch).toBe(2);
+      const error = await rejection(store.recordLlmCall(1, llmCall('fenced', 0)));
+      expect(isLeaseError(error)).toBe(true);
+      expect((error as { code?: string }).code).toBe('LEASE_LOST');
+      expect(await store.listLlmCalls('fenced')).toStrictEqual([]);
+      await store.recordLlmCall(2, llmCall('fenced', 0));
+      expect(await store.listLlmCalls('fenced')).toHaveLength(1);
+    });
+
+    it('tier state starts closed, and updates apply to what the last update wrote', async () => {
+      expect(await store.readTierState('primary')).toBeUndefined();
+      const opened = await store.updateTierState('primary', (s) => {
+        expect(s).toStrictEqual({
+          tier: 'primary',
+          breaker: 'closed',
+          failures: 0,
+          openUntil: 0,
+          probeOwner: null,
+          probeUntil: 0,
+          downUntil: 0,
+          misconfigured: null,
+          updatedAt: 0,
+        });
+        return { ...s, breaker: 'open', failures: 3, openUntil: T0 + 30_000, updatedAt: T0 };
+      });
+      await Promise.all(
+        Array.from({ length: 5 }, () =>
+          store.updateTierState('primary', (s) => ({ ...s, failures: s.failures + 1 })),
+        ),
+      );
+      await store.updateTierState('quota', (s) => ({
+        ...s,
+        downUntil: T0 + 3_600_000,
+        misconfigured: 'auth',
+      }));
+      expect(await store.readTierState('primary')).toStrictEqual({ ...opened, failures: 8 });
+      expect(
+        (await store.listTierStates()).map((t) => [t.tier, t.breaker, t.openUntil, t.downUntil]),
+      ).toEqual([
+        ['primary', 'open', T0 + 30_000, 0],
+        ['quota', 'closed', 0, T0 + 3_600_000],
+      ]);
     });
   });
 }
