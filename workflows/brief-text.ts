@@ -30,10 +30,46 @@ export type Finding = {
   seq: number;
 };
 
-/** The plain statement of how the brief was produced; every brief carries it. */
+/** The plain statement of how the findings were chosen; every brief carries it. */
 export const METHOD_LINE =
-  'This brief was produced offline by an extractive method: sentences from the documents were ' +
-  "ranked by how many of the topic's terms they share, and no language model was used.";
+  'The findings were extracted offline: sentences from the documents were ranked by how many ' +
+  "of the topic's terms they share, and are quoted as written.";
+
+/** Who wrote the summary, as the brief says it. */
+export type Summary = {
+  text: string;
+  /** True when no LLM tier answered and the offline tier extracted the summary instead. */
+  degraded: boolean;
+  provider: string;
+  model: string;
+  tier: string;
+};
+
+/** The line under a summary that says who or what wrote it. */
+export function summaryLine(summary: Summary): string {
+  return summary.degraded
+    ? 'Summary extracted offline (degraded): no language model tier answered, so sentences were picked from the findings instead of written.'
+    : `Summary written by ${summary.model} (${summary.provider}, tier ${summary.tier}) from the findings below.`;
+}
+
+/** The request that asks a model for the summary: the topic and the numbered findings. */
+export function summaryPrompt(
+  topic: string,
+  findings: readonly Readonly<Finding>[],
+): { system: string; user: string } {
+  return {
+    system:
+      'You write the summary of a short research brief. Use only the numbered findings you are ' +
+      'given, cite each claim with its number in brackets, e.g. [2], and answer in two to four ' +
+      'plain sentences with no preamble and no headings.',
+    user: [
+      `Topic: ${topic}`,
+      '',
+      'Findings:',
+      ...findings.map((f, i) => `[${i + 1}] ${f.text} (${f.file}:${f.line})`),
+    ].join('\n'),
+  };
+}
 
 /** Findings more alike than this (Jaccard similarity of their token sets) count as one. */
 export const DUPLICATE_THRESHOLD = 0.8;
@@ -363,11 +399,19 @@ export function selectFindings(candidates: readonly Readonly<Finding>[], max: nu
 }
 
 /** What {@link renderBrief} needs. */
-export type BriefContent = { topic: string; findings: readonly Readonly<Finding>[] };
+export type BriefContent = {
+  topic: string;
+  findings: readonly Readonly<Finding>[];
+  summary?: Readonly<Summary>;
+};
 
 /** The brief as Markdown: title, topic, how it was made, findings with citations, sources. */
-export function renderBrief({ topic, findings }: BriefContent): string {
-  const lines = ['# Research brief', '', `**Topic:** ${topic}`, '', `_${METHOD_LINE}_`, ''];
+export function renderBrief({ topic, findings, summary }: BriefContent): string {
+  const lines = ['# Research brief', '', `**Topic:** ${topic}`, ''];
+  if (summary) {
+    lines.push('## Summary', '', summary.text.trim(), '', `_${summaryLine(summary)}_`, '');
+  }
+  lines.push(`_${METHOD_LINE}_`, '');
   lines.push('## Findings', '');
   if (findings.length === 0) {
     lines.push('- No sentence in the documents shares a term with the topic.');

@@ -6,12 +6,17 @@
  *            most terms with the topic;
  *   analyze  splits those passages into sentences, ranks them by overlap with the topic and drops
  *            near-duplicates, checkpointing as it goes;
- *   write    drafts the brief as Markdown, every finding with its `(path:line)` citation;
+ *   write    asks an LLM (`ctx.llm`) for a short summary of the findings, then drafts the brief
+ *            as Markdown, every finding with its `(path:line)` citation;
  *   publish  writes `<outbox>/brief-<topic-slug>.md`, once per key; rollback puts back what the
  *            file held before, unless someone has edited it since.
  *
- * Everything runs offline: the text is extracted, not generated, so the same documents and topic
- * always give the same brief.
+ * The findings are extracted, not generated, so the same documents and topic always give the same
+ * findings. The summary comes from the first LLM tier that answers: Anthropic when
+ * ANTHROPIC_API_KEY is set, then OpenAI when OPENAI_API_KEY is set, then a local server (Ollama,
+ * LM Studio), and with none of them the offline tier, whose summary is extracted and marked
+ * degraded (see the README's "LLM calls" section to configure tiers). A crash after the summary
+ * was answered does not pay for it again: the journal returns it.
  *
  * Run it (every input is optional; by default it reads this repository's own docs):
  *
@@ -34,6 +39,8 @@ import {
   selectFindings,
   sha256,
   slug,
+  summaryPrompt,
+  type Summary,
   splitPassages,
   topPassages,
   topicTerms,
@@ -64,6 +71,8 @@ export type Brief = {
   /** Every scored sentence found so far, before ranking. */
   candidates?: Finding[];
   findings?: Finding[];
+  /** The summary of the findings, and which LLM tier wrote it. */
+  summary?: Summary;
   /** The brief as Markdown. */
   draft?: string;
 };
@@ -123,7 +132,8 @@ export function publishKey(state: Readonly<Brief>): string {
 /** `brief`: search → analyze → write → publish. See the top of this file. */
 export default workflow<Brief>('brief', {
   version: 1,
-  description: 'Offline extractive brief on a topic from a folder of Markdown documents.',
+  description:
+    'Cited brief on a topic from a folder of Markdown documents, summarised by the first LLM tier that answers.',
 })
   .step('search', async (state) => {
     checkInput(state);
@@ -190,9 +200,29 @@ export default workflow<Brief>('brief', {
     },
     { retry: { attempts: 3 } },
   )
-  .step('write', (state) => {
-    state.draft = renderBrief({ topic: settings(state).topic, findings: state.findings ?? [] });
-  })
+  .step(
+    'write',
+    async (state, ctx) => {
+      const { topic } = settings(state);
+      const findings = state.findings ?? [];
+      if (findings.length > 0) {
+        const prompt = summaryPrompt(topic, findings);
+        const res = await ctx.llm({
+          system: prompt.system,
+          messages: [{ role: 'user', content: prompt.user }],
+          maxTokens: 300,
+          temperature: 0,
+        });
+        if (res.text.trim() !== '') {
+          const { text, degraded, provider, model, tier } = res;
+          state.summary = { text, degraded, provider, model, tier };
+        }
+        ctx.log.info('summary', { tier: res.tier, degraded: res.degraded });
+      }
+      state.draft = renderBrief({ topic, findings, summary: state.summary });
+    },
+    { retry: { attempts: 3 } },
+  )
   .effect('publish', {
     key: publishKey,
     run: (state, { key }) => {
