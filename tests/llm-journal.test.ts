@@ -86,7 +86,7 @@ describe('the journal', () => {
     const { engine } = open();
     const result = await engine.start(threeCalls, { answers: [], failOnce: true });
     expect(result.status).toBe('completed');
-    expect((result.state).answers).toEqual(['primary:A', 'primary:B', 'primary:C']);
+    expect(result.state.answers).toEqual(['primary:A', 'primary:B', 'primary:C']);
     expect(primary.requests).toHaveLength(3);
     expect(secondary.requests).toHaveLength(0);
     const view = await engine.get(result.id);

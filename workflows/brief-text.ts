@@ -52,6 +52,14 @@ export function summaryLine(summary: Summary): string {
     : `Summary written by ${summary.model} (${summary.provider}, tier ${summary.tier}) from the findings below.`;
 }
 
+/** The summary when no model wrote one: the best findings (they come best first), numbered. */
+export function offlineSummary(findings: readonly Readonly<Finding>[], count = 3): string {
+  return findings
+    .slice(0, count)
+    .map((f, i) => `${f.text} [${i + 1}]`)
+    .join(' ');
+}
+
 /** The request that asks a model for the summary: the topic and the numbered findings. */
 export function summaryPrompt(
   topic: string,

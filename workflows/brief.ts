@@ -39,6 +39,7 @@ import {
   selectFindings,
   sha256,
   slug,
+  offlineSummary,
   summaryPrompt,
   type Summary,
   splitPassages,
@@ -213,10 +214,11 @@ export default workflow<Brief>('brief', {
           maxTokens: 300,
           temperature: 0,
         });
-        if (res.text.trim() !== '') {
-          const { text, degraded, provider, model, tier } = res;
-          state.summary = { text, degraded, provider, model, tier };
-        }
+        const { degraded, provider, model, tier } = res;
+        // With no model to write it, the offline tier's pick is replaced by the brief's own: its
+        // three best findings, each with its number.
+        const text = degraded ? offlineSummary(findings) : res.text.trim();
+        if (text !== '') state.summary = { text, degraded, provider, model, tier };
         ctx.log.info('summary', { tier: res.tier, degraded: res.degraded });
       }
       state.draft = renderBrief({ topic, findings, summary: state.summary });

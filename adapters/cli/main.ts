@@ -20,6 +20,7 @@ import { consoleLogger, parseLogLevel } from '../console-logger.ts';
 import { loadWorkflow } from '../loader.ts';
 import { formatList, formatPlan, formatRun } from './format.ts';
 import { createProgress, type Progress } from './progress.ts';
+import { registerDoctor } from './doctor.ts';
 
 type GlobalOptions = {
   db?: string;
@@ -320,6 +321,8 @@ function program(): Command {
         return 0;
       });
     });
+
+  registerDoctor(root, (code) => (exitCode = code));
 
   return root;
 }

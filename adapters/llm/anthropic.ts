@@ -2,20 +2,34 @@
  * The Anthropic provider: translates keel's unified LLM request and response to and from the
  * Messages API, and turns SDK errors into plain `ProviderError`s that carry no SDK types and no key.
  */
-import { ProviderError, networkCode, plainHeaders, scrubSecrets } from './provider-error.ts';
+import {
+  ProviderError,
+  abortReason,
+  errorEventFailure,
+  midStreamFailure,
+  networkCode,
+  plainHeaders,
+  requirePositive,
+  scrubSecrets,
+  truncatedFailure,
+} from './provider-error.ts';
 import Anthropic from '@anthropic-ai/sdk';
 import type {
   ContentBlockParam,
   MessageCreateParamsNonStreaming,
   MessageParam,
+  RawMessageStreamEvent,
   Tool,
   ToolChoice as AnthropicToolChoice,
 } from '@anthropic-ai/sdk/resources/messages/messages';
 import type {
   LlmMessage,
+  LlmProvider,
   LlmRequest,
   LlmResponse,
+  LlmUsage,
   ProviderFailure,
+  ProviderStreamEvent,
   StopReason,
   ToolChoice,
 } from '../../engine/llm/types.ts';
@@ -28,13 +42,22 @@ export type AnthropicProviderOptions = {
   apiKey: string;
   baseURL: string;
   model: string;
+  /**
+   * `complete()`: the SDK's timeout, which lasts until the response headers; a non-streaming
+   * answer sends them only once it is whole, so this bounds the whole call.
+   */
   timeoutMs?: number;
+  /**
+   * `stream()`: how long to wait for the response headers (`timeoutMs` when omitted). Once the
+   * stream has started no timer here cuts it: time-to-first-token and idle limits are the
+   * caller's, through the abort signal.
+   */
+  connectTimeoutMs?: number;
 };
 
-export type AnthropicProvider = {
+export type AnthropicProvider = LlmProvider & {
   name: 'anthropic';
-  model: string;
-  complete(request: LlmRequest, signal?: AbortSignal): Promise<LlmResponse>;
+  stream(request: LlmRequest, signal?: AbortSignal): AsyncIterable<ProviderStreamEvent>;
 };
 
 /** The instruction added to the system prompt when a JSON answer is asked for. */
@@ -212,7 +235,184 @@ function describeFailure(err: unknown): ProviderFailure {
   return { kind: 'network', ...(code === undefined ? {} : { code }), message };
 }
 
+type AssembledBlock =
+  | { type: 'text'; text: string }
+  | { type: 'tool_use'; id: string; name: string; input: unknown; json: string };
+
+/** Message usage fields that a stream event carries, where each may be absent or null. */
+type WireUsage = {
+  input_tokens?: number | null;
+  output_tokens?: number | null;
+  cache_read_input_tokens?: number | null;
+  cache_creation_input_tokens?: number | null;
+};
+
+/** The unified names of the usage fields an event reported (nulls and absences left out). */
+function usageOf(u: WireUsage): Partial<LlmUsage> {
+  const out: Partial<LlmUsage> = {};
+  if (u.input_tokens != null) out.inputTokens = u.input_tokens;
+  if (u.output_tokens != null) out.outputTokens = u.output_tokens;
+  if (u.cache_read_input_tokens != null) out.cacheReadTokens = u.cache_read_input_tokens;
+  if (u.cache_creation_input_tokens != null) out.cacheWriteTokens = u.cache_creation_input_tokens;
+  return out;
+}
+
+/** Tool input from its streamed JSON; unparseable input is kept raw rather than lost. */
+function parseToolInput(block: Extract<AssembledBlock, { type: 'tool_use' }>): unknown {
+  if (block.json.trim() === '') return block.input;
+  try {
+    return JSON.parse(block.json) as unknown;
+  } catch {
+    return { _raw: block.json };
+  }
+}
+
+/**
+ * Rebuilds, from a stream's raw events, the message the non-streaming call would have returned,
+ * so that a streamed answer and a completed one translate through the same code.
+ */
+class MessageAssembler {
+  model = '';
+  stopReason: string | null = null;
+  /** True once `message_stop` arrived: only then is the answer whole. */
+  stopped = false;
+  /** Characters of text delivered so far, for the message of a cut stream. */
+  textChars = 0;
+  private readonly usage: WireUsage = {};
+  private readonly blocks = new Map<number, AssembledBlock>();
+
+  /** Takes one event in; returns what the provider's stream yields for it. */
+  apply(event: RawMessageStreamEvent): ProviderStreamEvent[] {
+    switch (event.type) {
+      case 'message_start': {
+        this.model = event.message.model;
+        Object.assign(this.usage, event.message.usage);
+        const { output_tokens: _ignored, ...input } = event.message.usage;
+        return [{ type: 'usage', usage: usageOf(input) }];
+      }
+      case 'content_block_start': {
+        const block = event.content_block;
+        if (block.type === 'text') {
+          this.blocks.set(event.index, { type: 'text', text: '' });
+          return this.text(event.index, block.text);
+        }
+        if (block.type === 'tool_use') {
+          const { id, name, input } = block;
+          this.blocks.set(event.index, { type: 'tool_use', id, name, input, json: '' });
+        }
+        return [];
+      }
+      case 'content_block_delta': {
+        const { delta } = event;
+        if (delta.type === 'text_delta') return this.text(event.index, delta.text);
+        const block = this.blocks.get(event.index);
+        if (delta.type === 'input_json_delta' && block?.type === 'tool_use') {
+          block.json += delta.partial_json;
+        }
+        return [];
+      }
+      case 'message_delta': {
+        this.stopReason = event.delta.stop_reason;
+        const reported = Object.entries(event.usage).filter(([, v]) => v != null);
+        Object.assign(this.usage, Object.fromEntries(reported));
+        return [{ type: 'usage', usage: usageOf(event.usage) }];
+      }
+      case 'message_stop':
+        this.stopped = true;
+        return [];
+      default:
+        return [];
+    }
+  }
+
+  private text(index: number, text: string): ProviderStreamEvent[] {
+    const block = this.blocks.get(index);
+    if (text === '' || block?.type !== 'text') return [];
+    block.text += text;
+    this.textChars += text.length;
+    return [{ type: 'text', text }];
+  }
+
+  /** The whole message, in the shape `fromAnthropicMessage` reads. */
+  message(): AnthropicMessageLike {
+    const content = [...this.blocks.entries()]
+      .sort(([a], [b]) => a - b)
+      .map(([, block]) =>
+        block.type === 'text'
+          ? { type: 'text', text: block.text }
+          : { type: 'tool_use', id: block.id, name: block.name, input: parseToolInput(block) },
+      );
+    return {
+      model: this.model,
+      content,
+      stop_reason: this.stopReason,
+      usage: {
+        ...this.usage,
+        input_tokens: this.usage.input_tokens ?? 0,
+        output_tokens: this.usage.output_tokens ?? 0,
+      },
+    };
+  }
+}
+
+/** What went wrong while reading a stream: an error event, or the connection. */
+function streamFailure(err: unknown, textChars: number, apiKey: string): ProviderFailure {
+  const failure =
+    err instanceof Anthropic.APIError && !(err instanceof Anthropic.APIConnectionError)
+      ? errorEventFailure(err.error, textChars)
+      : midStreamFailure(err, textChars);
+  return scrubSecrets(failure, apiKey);
+}
+
+/**
+ * One streamed call: text as it arrives, usage from `message_start` (and the final count from
+ * `message_delta`), then the whole answer. A stream that ends without `message_stop` throws a
+ * `truncated` failure instead of an answer; an abort rethrows the signal's reason.
+ */
+async function* streamMessage(
+  client: Anthropic,
+  options: AnthropicProviderOptions,
+  request: LlmRequest,
+  signal: AbortSignal | undefined,
+): AsyncGenerator<ProviderStreamEvent> {
+  if (signal?.aborted) throw abortReason(signal);
+  const params = toAnthropicParams(request, options.model);
+  const connectTimeout = options.connectTimeoutMs ?? options.timeoutMs;
+  const started = performance.now();
+  let events: AsyncIterable<RawMessageStreamEvent>;
+  try {
+    events = await client.messages.create(
+      { ...params, stream: true },
+      {
+        ...(signal ? { signal } : {}),
+        ...(connectTimeout === undefined ? {} : { timeout: connectTimeout }),
+      },
+    );
+  } catch (err) {
+    if (signal?.aborted) throw abortReason(signal);
+    throw new ProviderError('anthropic', toProviderFailure(err, options.apiKey));
+  }
+  const assembler = new MessageAssembler();
+  try {
+    // The SDK ends its iteration quietly when the request is aborted; the checks below say why.
+    for await (const event of events) yield* assembler.apply(event);
+  } catch (err) {
+    if (signal?.aborted) throw abortReason(signal);
+    throw new ProviderError('anthropic', streamFailure(err, assembler.textChars, options.apiKey));
+  }
+  if (signal?.aborted) throw abortReason(signal);
+  if (!assembler.stopped) {
+    throw new ProviderError('anthropic', truncatedFailure(assembler.textChars, 'message_stop'));
+  }
+  const latencyMs = Math.round(performance.now() - started);
+  yield {
+    type: 'done',
+    response: fromAnthropicMessage(assembler.message(), latencyMs, { json: request.json === true }),
+  };
+}
+
 export function anthropicProvider(options: AnthropicProviderOptions): AnthropicProvider {
+  requirePositive('connectTimeoutMs', options.connectTimeoutMs, 'milliseconds');
   const client = new Anthropic({
     apiKey: options.apiKey,
     baseURL: options.baseURL,
@@ -222,6 +422,7 @@ export function anthropicProvider(options: AnthropicProviderOptions): AnthropicP
   return {
     name: 'anthropic',
     model: options.model,
+    stream: (request, signal) => streamMessage(client, options, request, signal),
     async complete(request, signal) {
       const params = toAnthropicParams(request, options.model);
       const started = performance.now();

@@ -314,7 +314,10 @@ export function createRouter(options: RouterOptions): Router {
         next.openUntil = now + cooldownMs;
       }
       if (cls === 'quota') next.downUntil = now + quotaCooldownMs;
-      if (cls === 'auth' || cls === 'not_found') next.misconfigured = classified.reason;
+      // The offline tier refusing a request it cannot serve (JSON, tools) is not a misconfiguration.
+      if ((cls === 'auth' || cls === 'not_found') && tier.degraded !== true) {
+        next.misconfigured = classified.reason;
+      }
       return next;
     });
   };

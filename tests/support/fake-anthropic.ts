@@ -1,10 +1,11 @@
 /**
  * A scriptable stand-in for the Anthropic Messages API (`POST /v1/messages`) on 127.0.0.1, close
  * enough to the wire format that `@anthropic-ai/sdk` accepts its answers: plain JSON messages, SSE
- * streams, error bodies, retry headers, delays, error events inside a stream and cut connections.
+ * streams, error bodies, retry headers, delays, error events inside a stream, paced and stalled
+ * streams, and connections that hang, reset or are cut.
  */
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 
 export type FakeBlock =
   { type: 'text'; text: string } | { type: 'tool_use'; id: string; name: string; input: unknown };
@@ -34,12 +35,36 @@ export type FakeResponse = {
   stopSequence?: string | null;
   usage?: FakeUsage;
   model?: string;
-  /** Streams only: split each text block into deltas of this many characters (whole when omitted). */
+  /** Never answer: no status, no headers, until the client goes away. */
+  hang?: boolean;
+  /** Reset the connection (TCP RST) instead of answering. */
+  reset?: boolean;
+  /**
+   * Streams only: split each text block, and each tool input's JSON, into deltas of this many
+   * characters (whole when omitted). Every `content_block_delta` counts as one delta below; "after
+   * 0 deltas" means right after `message_start`.
+   */
   chunkSize?: number;
-  /** Streams only: send an `overloaded_error` event after this many text deltas, then end. */
+  /** Streams only: wait this long after each delta. */
+  deltaIntervalMs?: number;
+  /** Streams only: send an `overloaded_error` event after this many deltas, then end. */
   overloadedAfterDeltas?: number;
-  /** Streams only: destroy the socket after this many text deltas. */
+  /** Streams only: send an `error` event (`streamError`) after this many deltas, then end. */
+  errorAfterDeltas?: number;
+  /** The error of `errorAfterDeltas`; `overloaded_error` when omitted. */
+  streamError?: { type: string; message: string };
+  /** Streams only: destroy the socket (a FIN, no HTTP end) after this many deltas. */
   cutAfterDeltas?: number;
+  /** Streams only: reset the connection (TCP RST) after this many deltas. */
+  resetAfterDeltas?: number;
+  /** Streams only: end the response cleanly after this many deltas, without `message_stop`. */
+  endWithoutStopAfterDeltas?: number;
+  /**
+   * Streams only: after this many deltas send nothing but `: ping` comment lines, every
+   * `keepAliveMs` (50 by default), until the client goes away.
+   */
+  stallAfterDeltas?: number;
+  keepAliveMs?: number;
 };
 
 export type RecordedRequest = {
@@ -56,6 +81,8 @@ export type FakeAnthropic = {
   script(responses: FakeResponse[]): void;
   /** Drops unanswered scripted responses and the request log. */
   reset(): void;
+  /** Connections that carried a request and are still open (kept-alive ones included). */
+  openSockets(): number;
   close(): Promise<void>;
 };
 
@@ -129,6 +156,14 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
     }
 
     const spec = queue.shift() ?? {};
+    if (spec.reset) {
+      req.socket.resetAndDestroy();
+      return;
+    }
+    if (spec.hang) {
+      await closed(res);
+      return;
+    }
     if (spec.delayMs) await sleep(spec.delayMs);
     const status = spec.status ?? 200;
     const extra = spec.headers ?? {};
@@ -192,45 +227,15 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
       },
     });
     let deltas = 0;
+    if (await interrupt(res, spec, deltas)) return;
     for (const [index, block] of content.entries()) {
-      if (block.type === 'text') {
-        sse(res, 'content_block_start', {
-          type: 'content_block_start',
-          index,
-          content_block: { type: 'text', text: '' },
-        });
-        for (const piece of chunks(block.text, spec.chunkSize)) {
-          sse(res, 'content_block_delta', {
-            type: 'content_block_delta',
-            index,
-            delta: { type: 'text_delta', text: piece },
-          });
-          deltas += 1;
-          if (spec.cutAfterDeltas !== undefined && deltas >= spec.cutAfterDeltas) {
-            await sleep(20);
-            res.socket?.destroy();
-            return;
-          }
-          if (spec.overloadedAfterDeltas !== undefined && deltas >= spec.overloadedAfterDeltas) {
-            sse(res, 'error', {
-              type: 'error',
-              error: { type: 'overloaded_error', message: 'Overloaded' },
-            });
-            res.end();
-            return;
-          }
-        }
-      } else {
-        sse(res, 'content_block_start', {
-          type: 'content_block_start',
-          index,
-          content_block: { type: 'tool_use', id: block.id, name: block.name, input: {} },
-        });
-        sse(res, 'content_block_delta', {
-          type: 'content_block_delta',
-          index,
-          delta: { type: 'input_json_delta', partial_json: JSON.stringify(block.input) },
-        });
+      const { start, pieces } = blockEvents(block, spec.chunkSize);
+      sse(res, 'content_block_start', { type: 'content_block_start', index, content_block: start });
+      for (const delta of pieces) {
+        sse(res, 'content_block_delta', { type: 'content_block_delta', index, delta });
+        deltas += 1;
+        if (await interrupt(res, spec, deltas)) return;
+        if (spec.deltaIntervalMs) await sleep(spec.deltaIntervalMs);
       }
       sse(res, 'content_block_stop', { type: 'content_block_stop', index });
     }
@@ -255,12 +260,23 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
       }
     });
   });
+  // Sockets that carried a request. undici may open a spare connection after an aborted request,
+  // one that never carries a request; it is not counted, so a count of 0 means every connection
+  // that served a request has been closed.
+  const sockets = new Set<Socket>();
+  server.on('request', (req: IncomingMessage) => {
+    const { socket } = req;
+    if (sockets.has(socket) || socket.destroyed) return;
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
 
   return {
     url: `http://127.0.0.1:${port}`,
     requests,
+    openSockets: () => sockets.size,
     script(responses) {
       queue.push(...responses);
     },
@@ -275,6 +291,79 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
       );
     },
   };
+}
+
+/** The start of a content block and its deltas, in wire form. */
+function blockEvents(
+  block: FakeBlock,
+  size: number | undefined,
+): { start: Record<string, unknown>; pieces: Record<string, unknown>[] } {
+  if (block.type === 'text') {
+    return {
+      start: { type: 'text', text: '' },
+      pieces: chunks(block.text, size).map((text) => ({ type: 'text_delta', text })),
+    };
+  }
+  return {
+    start: { type: 'tool_use', id: block.id, name: block.name, input: {} },
+    pieces: chunks(JSON.stringify(block.input), size).map((partial_json) => ({
+      type: 'input_json_delta',
+      partial_json,
+    })),
+  };
+}
+
+/** Resolves when the response is closed, by its end or by the client going away. */
+function closed(res: ServerResponse): Promise<void> {
+  if (res.destroyed || res.socket?.destroyed !== false) return Promise.resolve();
+  return new Promise((resolve) => res.once('close', () => resolve()));
+}
+
+/**
+ * Carries out whatever `spec` asks for once `deltas` deltas have been sent; true when the answer
+ * is over (cut, reset, ended, errored or stalled until the client left).
+ */
+async function interrupt(
+  res: ServerResponse,
+  spec: FakeResponse,
+  deltas: number,
+): Promise<boolean> {
+  if (spec.cutAfterDeltas === deltas) {
+    await sleep(20);
+    res.socket?.destroy();
+    return true;
+  }
+  if (spec.resetAfterDeltas === deltas) {
+    await sleep(20);
+    res.socket?.resetAndDestroy();
+    return true;
+  }
+  const error =
+    spec.overloadedAfterDeltas === deltas
+      ? { type: 'overloaded_error', message: 'Overloaded' }
+      : spec.errorAfterDeltas === deltas
+        ? (spec.streamError ?? { type: 'overloaded_error', message: 'Overloaded' })
+        : undefined;
+  if (error) {
+    sse(res, 'error', { type: 'error', error });
+    res.end();
+    return true;
+  }
+  if (spec.endWithoutStopAfterDeltas === deltas) {
+    res.end();
+    return true;
+  }
+  if (spec.stallAfterDeltas === deltas) {
+    const gone = closed(res);
+    let left = false;
+    void gone.then(() => (left = true));
+    while (!left) {
+      res.write(': ping\n\n');
+      await Promise.race([gone, sleep(spec.keepAliveMs ?? 50)]);
+    }
+    return true;
+  }
+  return false;
 }
 
 function isErrorDetail(value: unknown): value is { type: string; message: string } {

@@ -1,9 +1,11 @@
 /**
  * A loopback server that speaks enough of OpenAI's Chat Completions API (`POST /v1/chat/completions`,
- * JSON and server-sent events) for the official `openai` SDK, scripted one response per request.
+ * JSON and server-sent events) for the official `openai` SDK, scripted one response per request:
+ * answers, error bodies, paced and stalled streams, error chunks, and connections that hang, reset
+ * or are cut.
  */
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 
 export type FakeToolCall = { id: string; name: string; arguments: string };
 
@@ -29,6 +31,31 @@ export type FakeOpenAIResponse = {
   cutAfterChunks?: number;
   /** Send the status and headers, then only keep-alive comment lines until the client goes away. */
   silent?: boolean;
+  /** Never answer: no status, no headers, until the client goes away. */
+  hang?: boolean;
+  /** Reset the connection (TCP RST) instead of answering. */
+  reset?: boolean;
+  /**
+   * Streaming only, like every option below: wait this long after each delta. A delta is a chunk
+   * that carries text or a piece of a tool call (the first chunk, with the role, is always sent
+   * and does not count); "after 0 deltas" means right after that first chunk.
+   */
+  deltaIntervalMs?: number;
+  /** After this many deltas send only `: keep-alive` comments, every `keepAliveMs` (50). */
+  stallAfterDeltas?: number;
+  keepAliveMs?: number;
+  /** After this many deltas end the body cleanly: no finish_reason, usage or [DONE]. */
+  endWithoutStopAfterDeltas?: number;
+  /** After this many deltas send `data: {"error": streamError}`, then end the body. */
+  errorAfterDeltas?: number;
+  /** The error of `errorAfterDeltas`; a `server_error` when omitted. */
+  streamError?: { message: string; type?: string; code?: string | null };
+  /** After this many deltas destroy the socket (a FIN, no HTTP end). */
+  destroyAfterDeltas?: number;
+  /** After this many deltas reset the connection (TCP RST). */
+  resetAfterDeltas?: number;
+  /** Send the whole answer, finish_reason and usage included, but not the [DONE] marker. */
+  omitDone?: boolean;
 };
 
 export type FakeOpenAIRequest = {
@@ -44,6 +71,8 @@ export type FakeOpenAI = {
   requests: FakeOpenAIRequest[];
   /** Queues responses; each request takes the next one, or the default answer when none is left. */
   script(...responses: FakeOpenAIResponse[]): void;
+  /** Connections that carried a request and are still open (kept-alive ones included). */
+  openSockets(): number;
   close(): Promise<void>;
 };
 
@@ -91,6 +120,14 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
       return;
     }
     const r = queue.shift() ?? { text: DEFAULT_ANSWER };
+    if (r.reset) {
+      req.socket.resetAndDestroy();
+      return;
+    }
+    if (r.hang) {
+      await keepAlive(res, false);
+      return;
+    }
     if (r.delayMs) await later(r.delayMs);
 
     const extra = r.headers ?? {};
@@ -151,17 +188,19 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
         return;
       }
       const base = { id, object: 'chat.completion.chunk', created, model };
-      const events: unknown[] = [];
+      /** A chunk, and whether it counts as a delta. */
+      const events: { data: unknown; delta: boolean }[] = [];
       const chunk = (delta: unknown, finishReason: string | null = null): unknown => ({
         ...base,
         choices: [{ index: 0, delta, finish_reason: finishReason, logprobs: null }],
       });
-      events.push(chunk({ role: 'assistant', content: '' }));
+      const push = (data: unknown, delta = true) => events.push({ data, delta });
+      push(chunk({ role: 'assistant', content: '' }), false);
       if (text) {
-        for (const piece of text.match(/\S+\s*|\s+/g) ?? []) events.push(chunk({ content: piece }));
+        for (const piece of text.match(/\S+\s*|\s+/g) ?? []) push(chunk({ content: piece }));
       }
       (r.toolCalls ?? []).forEach((tc, index) => {
-        events.push(
+        push(
           chunk({
             tool_calls: [
               { index, id: tc.id, type: 'function', function: { name: tc.name, arguments: '' } },
@@ -170,20 +209,25 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
         );
         const half = Math.ceil(tc.arguments.length / 2);
         for (const part of [tc.arguments.slice(0, half), tc.arguments.slice(half)]) {
-          if (part) events.push(chunk({ tool_calls: [{ index, function: { arguments: part } }] }));
+          if (part) push(chunk({ tool_calls: [{ index, function: { arguments: part } }] }));
         }
       });
-      events.push(chunk({}, finish));
-      if (req0.stream_options?.include_usage) events.push({ ...base, choices: [], usage });
+      push(chunk({}, finish), false);
+      if (req0.stream_options?.include_usage) push({ ...base, choices: [], usage }, false);
       const limit = r.cutAfterChunks ?? Infinity;
+      let deltas = 0;
       for (const [i, e] of events.entries()) {
         if (i >= limit) {
           res.end();
           return;
         }
-        res.write(`data: ${JSON.stringify(e)}\n\n`);
+        res.write(`data: ${JSON.stringify(e.data)}\n\n`);
+        if (i > 0 && !e.delta) continue;
+        if (e.delta) deltas += 1;
+        if (await interrupt(res, r, deltas)) return;
+        if (e.delta && r.deltaIntervalMs) await later(r.deltaIntervalMs);
       }
-      res.end('data: [DONE]\n\n');
+      res.end(r.omitDone ? undefined : 'data: [DONE]\n\n');
       return;
     }
 
@@ -217,11 +261,42 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
   }
 
   /** Holds the response open (with `: keep-alive` comments when `comments`) until the client leaves. */
-  async function keepAlive(res: ServerResponse, comments = true): Promise<void> {
+  async function keepAlive(res: ServerResponse, comments = true, everyMs = 50): Promise<void> {
     while (!res.destroyed && !res.writableEnded && res.socket && !res.socket.destroyed) {
       if (comments) res.write(': keep-alive\n\n');
-      await later(50);
+      await later(everyMs);
     }
+  }
+
+  /**
+   * Carries out whatever `r` asks for once `deltas` deltas have been sent; true when the answer is
+   * over (ended, errored, cut, reset, or stalled until the client left).
+   */
+  async function interrupt(res: ServerResponse, r: FakeOpenAIResponse, deltas: number) {
+    if (r.endWithoutStopAfterDeltas === deltas) {
+      res.end();
+      return true;
+    }
+    if (r.errorAfterDeltas === deltas) {
+      const e = r.streamError ?? {
+        message: 'The server had an error while processing your request.',
+        type: 'server_error',
+      };
+      const error = { message: e.message, type: e.type ?? 'server_error', code: e.code ?? null };
+      res.end(`data: ${JSON.stringify({ error })}\n\n`);
+      return true;
+    }
+    if (r.destroyAfterDeltas === deltas || r.resetAfterDeltas === deltas) {
+      await later(20);
+      if (r.resetAfterDeltas === deltas) res.socket?.resetAndDestroy();
+      else res.socket?.destroy();
+      return true;
+    }
+    if (r.stallAfterDeltas === deltas) {
+      await keepAlive(res, true, r.keepAliveMs);
+      return true;
+    }
+    return false;
   }
 
   function sendJson(
@@ -234,12 +309,23 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
     res.end(JSON.stringify(payload));
   }
 
+  // Sockets that carried a request. undici may open a spare connection after an aborted request,
+  // one that never carries a request; it is not counted, so a count of 0 means every connection
+  // that served a request has been closed.
+  const sockets = new Set<Socket>();
+  server.on('request', (req: IncomingMessage) => {
+    const { socket } = req;
+    if (sockets.has(socket) || socket.destroyed) return;
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const { port } = server.address() as AddressInfo;
 
   return {
     url: `http://127.0.0.1:${port}/v1`,
     requests,
+    openSockets: () => sockets.size,
     script(...responses) {
       queue.push(...responses);
     },
