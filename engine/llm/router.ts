@@ -384,6 +384,8 @@ export function createRouter(options: RouterOptions): Router {
       for await (const event of provider.stream(request, controller.signal)) {
         if (event.type === 'usage') {
           Object.assign(live.usage, event.usage);
+          // Usage is not a token: before the first one, the first-token timer keeps running.
+          if (!started) continue;
         } else if (event.type === 'text') {
           if (event.text === '') continue;
           if (!started) {

@@ -1,0 +1,317 @@
+/**
+ * The router over streams, end to end: the real SDKs, through the adapters, against the fake
+ * servers on 127.0.0.1. Failover before the first token is silent; after it, a `restart` event
+ * comes before the next tier's answer; silent, stalled and cut streams are timed out or counted as
+ * truncated; hedging races two tiers; L01 and L02 at the router.
+ */
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { anthropicProvider } from '../adapters/llm/anthropic.ts';
+import { openaiProvider } from '../adapters/llm/openai.ts';
+import {
+  createRouter,
+  LlmUnavailableError,
+  type Attempt,
+  type RoutedStreamEvent,
+  type RouterOptions,
+  type RouterTier,
+} from '../engine/llm/router.ts';
+import type { LlmRequest } from '../engine/llm/types.ts';
+import type { Clock } from '../engine/time.ts';
+import { startFakeAnthropic, type FakeAnthropic } from './support/fake-anthropic.ts';
+import { startFakeOpenAI, type FakeOpenAI } from './support/fake-openai.ts';
+import { waitFor } from './support/index.ts';
+
+const KEY = 'sk-test-stream-router-0123456789';
+const REQUEST: LlmRequest = { messages: [{ role: 'user', content: 'hi' }], maxTokens: 64 };
+
+/** Real time for timestamps; retry waits recorded and skipped. */
+function quickClock(): Clock & { waits: number[] } {
+  const waits: number[] = [];
+  return {
+    waits,
+    now: () => Date.now(),
+    sleep: (ms) => {
+      waits.push(ms);
+      return Promise.resolve();
+    },
+  };
+}
+
+let claude: FakeAnthropic;
+let gpt: FakeOpenAI;
+let clock: ReturnType<typeof quickClock>;
+const unhandled: unknown[] = [];
+const onUnhandled = (reason: unknown) => unhandled.push(reason);
+
+beforeEach(async () => {
+  [claude, gpt] = await Promise.all([startFakeAnthropic(), startFakeOpenAI()]);
+  clock = quickClock();
+  unhandled.length = 0;
+  process.on('unhandledRejection', onUnhandled);
+});
+
+afterEach(async () => {
+  process.off('unhandledRejection', onUnhandled);
+  await Promise.all([claude.close(), gpt.close()]);
+  expect(unhandled).toEqual([]);
+});
+
+function tiers(): RouterTier[] {
+  return [
+    {
+      name: 'claude',
+      provider: anthropicProvider({ apiKey: KEY, baseURL: claude.url, model: 'claude-x' }),
+    },
+    { name: 'gpt', provider: openaiProvider({ apiKey: KEY, baseURL: gpt.url, model: 'gpt-y' }) },
+  ];
+}
+
+function router(over: Partial<RouterOptions> = {}) {
+  return createRouter({ tiers: tiers(), clock, random: () => 1, ...over });
+}
+
+async function events(stream: AsyncIterable<RoutedStreamEvent>): Promise<RoutedStreamEvent[]> {
+  const seen: RoutedStreamEvent[] = [];
+  for await (const event of stream) seen.push(event);
+  return seen;
+}
+
+/** Events without the final response, and the response's text and tier. */
+function story(seen: RoutedStreamEvent[]) {
+  return seen.map((e) =>
+    e.type === 'done'
+      ? `done:${e.response.tier}:${e.response.text}`
+      : e.type === 'text'
+        ? e.text
+        : `restart:${e.tier}`,
+  );
+}
+
+const brief = (attempts: Attempt[]) =>
+  attempts.map((a) => [a.tier, a.class ?? null, a.status ?? null, a.cancelled === true]);
+
+const text = (t: string) => ({ content: [{ type: 'text' as const, text: t }], chunkSize: 2 });
+
+describe('streams through the router', () => {
+  it('a 529 before the first token fails over silently: no restart event, the answer once', async () => {
+    claude.script([{ status: 529 }, { status: 529 }, { status: 529 }]);
+    gpt.script({ text: 'Hello' });
+    const seen = await events(router({ breaker: { failureThreshold: 1 } }).stream(REQUEST));
+    expect(story(seen).join('|')).not.toContain('restart');
+    const done = seen.at(-1)!;
+    if (done.type !== 'done') throw new Error('no done');
+    expect(done.response.text).toBe('Hello');
+    expect(brief(done.response.attempts)).toEqual([
+      ['claude', 'overloaded', 529, false],
+      ['gpt', null, null, false],
+    ]);
+  });
+
+  it('L03: overloaded_error before any text is retried like a 529; the answer comes once', async () => {
+    claude.script([{ ...text('Hello'), errorAfterDeltas: 0 }, text('Hello')]);
+    const seen = await events(router().stream(REQUEST));
+    expect(story(seen)).toEqual(['He', 'll', 'o', 'done:claude:Hello']);
+    const done = seen.at(-1) as Extract<RoutedStreamEvent, { type: 'done' }>;
+    expect(brief(done.response.attempts)).toEqual([
+      ['claude', 'overloaded', null, false],
+      ['claude', null, null, false],
+    ]);
+    expect(clock.waits).toHaveLength(1);
+  });
+
+  it('L03: overloaded_error after "Hel": the consumer is told to restart, and never gets "HelHello"', async () => {
+    claude.script([
+      { content: [{ type: 'text', text: 'Hello' }], chunkSize: 3, errorAfterDeltas: 1 },
+      { content: [{ type: 'text', text: 'Hello' }], chunkSize: 3 },
+    ]);
+    const seen = await events(router().stream(REQUEST));
+    expect(story(seen)).toEqual(['Hel', 'restart:claude', 'Hel', 'lo', 'done:claude:Hello']);
+    const restart = seen.find((e) => e.type === 'restart');
+    expect(restart).toEqual({
+      type: 'restart',
+      tier: 'claude',
+      reason: 'claude: overloaded_error in stream',
+    });
+  });
+
+  it('L04: headers then only keep-alives: the first-token timeout closes the socket and the next tier answers', async () => {
+    claude.script([{ ...text('never'), stallAfterDeltas: 0, keepAliveMs: 20 }]);
+    gpt.script({ text: 'from gpt' });
+    const started = Date.now();
+    const seen = await events(router({ timeouts: { firstTokenMs: 300 } }).stream(REQUEST));
+    const elapsed = Date.now() - started;
+    expect(story(seen)).toEqual(['from ', 'gpt', 'done:gpt:from gpt']);
+    const done = seen.at(-1) as Extract<RoutedStreamEvent, { type: 'done' }>;
+    expect(brief(done.response.attempts)).toEqual([
+      ['claude', 'timeout', null, false],
+      ['gpt', null, null, false],
+    ]);
+    expect(elapsed).toBeGreaterThanOrEqual(290);
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+
+  it('L04: a stream that keeps producing is not cut by the silence timeouts, however long it runs', async () => {
+    // 40 deltas 30 ms apart: 1.2 s in all, four times the first-token and idle limits.
+    const long = 'x'.repeat(40);
+    claude.script([{ content: [{ type: 'text', text: long }], chunkSize: 1, deltaIntervalMs: 30 }]);
+    const seen = await events(
+      router({ timeouts: { firstTokenMs: 300, idleMs: 300 } }).stream(REQUEST),
+    );
+    const done = seen.at(-1) as Extract<RoutedStreamEvent, { type: 'done' }>;
+    expect(done.response.text).toBe(long);
+    expect(seen.filter((e) => e.type === 'text')).toHaveLength(40);
+    expect(gpt.requests).toHaveLength(0);
+  });
+
+  it('idle timeout: a stream that stalls after two deltas restarts on the next tier, and says so', async () => {
+    claude.script([{ ...text('Hello there'), stallAfterDeltas: 2, keepAliveMs: 20 }]);
+    gpt.script({ text: 'Fine' });
+    const seen = await events(
+      router({ timeouts: { firstTokenMs: 2_000, idleMs: 250 } }).stream(REQUEST),
+    );
+    expect(story(seen)).toEqual(['He', 'll', 'restart:gpt', 'Fine', 'done:gpt:Fine']);
+    const restart = seen.find((e) => e.type === 'restart');
+    expect(restart).toEqual({ type: 'restart', tier: 'gpt', reason: 'claude: timeout' });
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+
+  it('L05: a stream cut without its end event is truncated, failed over, and its text never in the answer', async () => {
+    claude.script([{ ...text('Partial answer'), endWithoutStopAfterDeltas: 3 }]);
+    gpt.script({ text: 'Whole' });
+    const seen = await events(router().stream(REQUEST));
+    expect(story(seen)).toEqual(['Pa', 'rt', 'ia', 'restart:gpt', 'Whole', 'done:gpt:Whole']);
+    const done = seen.at(-1) as Extract<RoutedStreamEvent, { type: 'done' }>;
+    expect(brief(done.response.attempts)).toEqual([
+      ['claude', 'truncated', null, false],
+      ['gpt', null, null, false],
+    ]);
+  });
+
+  it('every tier failing mid-stream ends in LlmUnavailableError after exactly the budget', async () => {
+    claude.script(
+      Array.from({ length: 4 }, () => ({ ...text('abc'), endWithoutStopAfterDeltas: 1 })),
+    );
+    gpt.script(...Array.from({ length: 4 }, () => ({ text: 'abc', cutAfterChunks: 1 })));
+    const r = router({ budget: 3 });
+    const seen: RoutedStreamEvent[] = [];
+    let error: unknown;
+    try {
+      for await (const e of r.stream(REQUEST)) seen.push(e);
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(LlmUnavailableError);
+    expect(brief((error as LlmUnavailableError).attempts)).toEqual([
+      ['claude', 'truncated', null, false],
+      ['gpt', 'truncated', null, false],
+      ['claude', 'truncated', null, false],
+    ]);
+    expect(claude.requests.length + gpt.requests.length).toBe(3);
+    // gpt's cut came before any text, so only the claude text delivered first is void.
+    expect(story(seen)).toEqual(['ab', 'restart:claude', 'ab']);
+  });
+
+  it('a consumer that stops early closes the provider socket', async () => {
+    claude.script([
+      { content: [{ type: 'text', text: 'y'.repeat(50) }], chunkSize: 1, deltaIntervalMs: 20 },
+    ]);
+    for await (const e of router().stream(REQUEST)) {
+      if (e.type === 'text') break;
+    }
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+});
+
+describe('hedging', () => {
+  it('a slow first token starts the next tier; the first to answer wins and the other is cancelled', async () => {
+    claude.script([{ ...text('slow'), delayMs: 1_500 }]);
+    gpt.script({ text: 'quick', usage: { promptTokens: 7, completionTokens: 1 } });
+    const started = Date.now();
+    const res = await router({ hedgeAfterMs: 150 }).complete(REQUEST);
+    expect(Date.now() - started).toBeLessThan(1_400);
+    expect([res.tier, res.text]).toEqual(['gpt', 'quick']);
+    expect(brief(res.attempts)).toEqual([
+      ['claude', null, null, true],
+      ['gpt', null, null, false],
+    ]);
+    expect(res.attempts[1]!.hedge).toBe(true);
+    expect(res.attempts[1]!.usage).toEqual({ inputTokens: 7, outputTokens: 1 });
+    expect([claude.requests.length, gpt.requests.length]).toEqual([1, 1]);
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+
+  it('no hedge when the first token comes before the delay', async () => {
+    claude.script([text('fast')]);
+    const res = await router({ hedgeAfterMs: 1_000 }).complete(REQUEST);
+    expect(res.tier).toBe('claude');
+    expect(gpt.requests).toHaveLength(0);
+  });
+
+  it("a streamed hedge: the text the caller sees is the winner's only", async () => {
+    claude.script([{ ...text('late answer'), delayMs: 1_000 }]);
+    gpt.script({ text: 'hedged' });
+    const seen = await events(router({ hedgeAfterMs: 100 }).stream(REQUEST));
+    expect(story(seen)).toEqual(['hedged', 'done:gpt:hedged']);
+  });
+});
+
+describe('L01 and L02 at the router', () => {
+  const overflow = [
+    'the request exceeds the available context size, try increasing it',
+    "This model's maximum context length is 4096 tokens. However, you requested 9000 tokens.",
+    'input length exceeds the context length',
+    'Trying to keep the first 5000 tokens when context the overflows. However, the model is loaded with context length of only 4096 tokens',
+  ];
+  it.each(overflow)(
+    'L01: a local server saying "%s" gets one call to the larger tier, no retry',
+    async (message) => {
+      const local = await startFakeOpenAI();
+      try {
+        local.script({ status: 400, error: { message } });
+        gpt.script({ text: 'big window' });
+        const r = createRouter({
+          tiers: [
+            {
+              name: 'local',
+              provider: openaiProvider({ apiKey: 'x', baseURL: local.url, model: 'l' }),
+              contextWindow: 4_096,
+            },
+            {
+              name: 'gpt',
+              provider: openaiProvider({ apiKey: KEY, baseURL: gpt.url, model: 'g' }),
+              contextWindow: 128_000,
+            },
+          ],
+          clock,
+        });
+        const res = await r.complete(REQUEST);
+        expect(res.tier).toBe('gpt');
+        expect(brief(res.attempts)).toEqual([
+          ['local', 'context_length', 400, false],
+          ['gpt', null, null, false],
+        ]);
+        expect([local.requests.length, gpt.requests.length]).toEqual([1, 1]);
+        expect(clock.waits).toEqual([]);
+      } finally {
+        await local.close();
+      }
+    },
+  );
+
+  it('L02: retry-after 7 s, retry-after-ms 1500 and an HTTP date are honoured on the same tier', async () => {
+    const inNine = new Date(Date.now() + 9_000).toUTCString();
+    claude.script([
+      { status: 429, headers: { 'retry-after': '7' } },
+      { status: 429, headers: { 'retry-after-ms': '1500' } },
+      { status: 429, headers: { 'retry-after': inNine } },
+      text('ok'),
+    ]);
+    const res = await router({ budget: 4 }).complete(REQUEST);
+    expect(res.tier).toBe('claude');
+    expect(clock.waits.slice(0, 2)).toEqual([7_000, 1_500]);
+    // An HTTP date is a wait until then: about nine seconds, less the time the calls took.
+    expect(clock.waits[2]).toBeGreaterThan(6_000);
+    expect(clock.waits[2]).toBeLessThanOrEqual(9_000);
+    expect(gpt.requests).toHaveLength(0);
+  });
+});
