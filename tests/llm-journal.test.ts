@@ -231,6 +231,33 @@ describe('the journal', () => {
   });
 });
 
+describe('ctx.llm.stream', () => {
+  it('streams text, records the call as streamed, and a retry gets the whole text back from the journal', async () => {
+    primary.script({ text: 'streamed words' });
+    type Seen = { events?: string[][]; failOnce?: boolean };
+    const streaming = workflow<Seen>('streaming', { version: 1 }).step(
+      'ask',
+      async (state, ctx) => {
+        const seen: string[] = [];
+        for await (const event of ctx.llm.stream(ask('hello'))) {
+          seen.push(event.type === 'text' ? event.text : event.type);
+        }
+        (state.events ??= []).push(seen);
+        if (ctx.attempt === 1) throw new Error('flaky after the stream');
+      },
+      { retry: { attempts: 2, backoff: 0 } },
+    );
+    const { engine } = open();
+    const result = await engine.start(streaming, {});
+    expect(result.status).toBe('completed');
+    // The first attempt's state was discarded with its failure; the retry's replay is one piece.
+    expect((result.state as Seen).events).toEqual([['streamed words', 'done']]);
+    expect(primary.requests).toHaveLength(1);
+    const [call] = (await engine.get(result.id)).llmCalls;
+    expect([call!.streamed, call!.replayed, call!.tier]).toEqual([true, true, 'primary']);
+  });
+});
+
 describe('breakers in the database', () => {
   it('a second engine on the same database skips a tier the first one found down, without a request', async () => {
     // Three 500s open the primary's breaker (threshold 3); the secondary answers each call.
