@@ -143,7 +143,11 @@ export function openaiProvider(options: OpenAIProviderOptions): OpenAIProvider {
       } finally {
         clearTimeout(handle);
       }
-      const response = fromOpenAICompletion(completion, performance.now() - started, name);
+      const response = fromOpenAICompletion(
+        completion,
+        Math.round(performance.now() - started),
+        name,
+      );
       checkPromptTokens(options, name, request, completion.usage);
       return response;
     },
@@ -396,7 +400,11 @@ async function* streamCompletion(
       throw new ProviderError(provider, truncatedFailure(assembler.textChars, missing));
     }
     const completion = assembler.completion();
-    const response = fromOpenAICompletion(completion, performance.now() - started, provider);
+    const response = fromOpenAICompletion(
+      completion,
+      Math.round(performance.now() - started),
+      provider,
+    );
     checkPromptTokens(options, provider, request, completion.usage);
     yield { type: 'done', response };
   } finally {

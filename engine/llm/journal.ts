@@ -140,6 +140,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
     streamed: boolean,
     routed: RoutedResponse,
     prior: LlmCallRecord | undefined,
+    started: number,
   ) => {
     const router = await scope.router();
     const attempts = [...priorAttempts(prior), ...routed.attempts];
@@ -159,7 +160,8 @@ export function journaledLlm(scope: JournalScope): LlmCall {
       cacheReadTokens: response.usage.cacheReadTokens ?? 0,
       cacheWriteTokens: response.usage.cacheWriteTokens ?? 0,
       costUsd: costOfAttempts(attempts, router.tiers),
-      latencyMs: response.latencyMs,
+      // The whole call as the step waited for it: retries, waits and failovers included.
+      latencyMs: Math.round(performance.now() - started),
     });
     deps.emit({
       type: 'llm-called',
@@ -212,6 +214,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
     const { row, response } = await recorded(position, hash);
     if (response) return response;
     const router = await scope.router();
+    const started = performance.now();
     let routed: RoutedResponse;
     try {
       routed = await router.complete(request, held.signal);
@@ -219,7 +222,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
       await recordFailure(position, hash, false, error, row);
       throw error;
     }
-    return recordAnswer(position, hash, false, routed, row);
+    return recordAnswer(position, hash, false, routed, row, started);
   };
 
   const stream = (request: LlmRequest): AsyncIterable<LlmStreamEvent> => {
@@ -235,13 +238,14 @@ export function journaledLlm(scope: JournalScope): LlmCall {
           return;
         }
         const router = await scope.router();
+        const started = performance.now();
         try {
           for await (const event of router.stream(request, held.signal)) {
             if (event.type !== 'done') {
               yield event;
               continue;
             }
-            const answer = await recordAnswer(position, hash, true, event.response, row);
+            const answer = await recordAnswer(position, hash, true, event.response, row, started);
             yield { type: 'done', response: answer };
           }
         } catch (error) {
