@@ -4,7 +4,7 @@
  * down the secondary (OpenAI) writes the summary; with every provider down the offline tier does,
  * and the brief says so.
  */
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, expect, it } from 'vitest';
 import { startFakeAnthropic, type FakeAnthropic } from './support/fake-anthropic.ts';
@@ -47,6 +47,8 @@ function setup() {
     OPENAI_API_KEY: OPENAI_KEY,
     OPENAI_BASE_URL: openai.url,
     KEEL_LOCAL_BASE_URL: 'http://127.0.0.1:9/v1',
+    // Every log line a run can print, so that the key checks see them all.
+    KEEL_LOG: 'debug',
   };
   const input = JSON.stringify({ topic: 'resume after a crash', docs, outbox: join(dir, 'out') });
   const brief = join(dir, 'out', 'brief-resume-after-a-crash.md');
@@ -125,5 +127,39 @@ it('every provider down: the offline tier writes the summary, marked degraded', 
   ]);
   for (const key of [ANTHROPIC_KEY, OPENAI_KEY]) {
     expect(readFileSync(s.db).includes(Buffer.from(key))).toBe(false);
+  }
+});
+
+it('a rejected key echoed back by the provider reaches no output, no log line and no byte of the database', async () => {
+  const s = setup();
+  anthropic.script([
+    {
+      status: 401,
+      error: { type: 'authentication_error', message: `invalid x-api-key: ${ANTHROPIC_KEY}` },
+    },
+  ]);
+  openai.script({ text: 'summary from the secondary [1].' });
+  const { run, shown, text } = await runBrief(s);
+  const [call] = shown.llmCalls;
+  expect(call!.attempts.map((a) => [a.tier, a.class, a.status])).toEqual([
+    ['anthropic', 'auth', 401],
+    ['openai', null, null],
+  ]);
+  const shownText = await keel(
+    ['show', '--db', s.db, (await keelJson<{ id: string }[]>(['ls', '--db', s.db]))[0]!.id],
+    {
+      cwd: s.dir,
+      env: { KEEL_LOG: 'debug' },
+    },
+  );
+  for (const output of [run.stdout, run.stderr, shownText.stdout, JSON.stringify(shown), text]) {
+    expect(output).not.toContain(ANTHROPIC_KEY);
+    expect(output).not.toContain(OPENAI_KEY);
+  }
+  for (const file of [s.db, `${s.db}-wal`]) {
+    if (!existsSync(file)) continue;
+    const bytes = readFileSync(file);
+    expect(bytes.includes(Buffer.from(ANTHROPIC_KEY))).toBe(false);
+    expect(bytes.includes(Buffer.from(ANTHROPIC_KEY.slice(7, 22)))).toBe(false);
   }
 });
