@@ -15,6 +15,7 @@ import {
   type RouterOptions,
   type RouterTier,
 } from '../engine/llm/router.ts';
+import { memoryTierStates } from '../engine/llm/tier-state.ts';
 import type { LlmRequest } from '../engine/llm/types.ts';
 import type { Clock } from '../engine/time.ts';
 import { startFakeAnthropic, type FakeAnthropic } from './support/fake-anthropic.ts';
@@ -219,6 +220,79 @@ describe('streams through the router', () => {
       if (e.type === 'text') break;
     }
     await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+});
+
+describe('the other timeouts', () => {
+  it('connect: a server that never sends its headers is a timeout after connectTimeoutMs, then the next tier', async () => {
+    claude.script([{ hang: true }]);
+    gpt.script({ text: 'ok' });
+    const r = createRouter({
+      tiers: [
+        {
+          name: 'claude',
+          provider: anthropicProvider({
+            apiKey: KEY,
+            baseURL: claude.url,
+            model: 'claude-x',
+            connectTimeoutMs: 200,
+          }),
+        },
+        tiers()[1]!,
+      ],
+      clock,
+      random: () => 1,
+    });
+    const seen = await events(r.stream(REQUEST));
+    const done = seen.at(-1) as Extract<RoutedStreamEvent, { type: 'done' }>;
+    expect(brief(done.response.attempts)).toEqual([
+      ['claude', 'timeout', null, false],
+      ['gpt', null, null, false],
+    ]);
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+
+  it('total: a plain call slower than totalMs is a timeout, and the next tier answers', async () => {
+    claude.script([{ ...text('too late'), delayMs: 2_000 }]);
+    gpt.script({ text: 'in time' });
+    const started = Date.now();
+    const res = await router({ timeouts: { totalMs: 250 } }).complete(REQUEST);
+    expect(Date.now() - started).toBeLessThan(1_500);
+    expect([res.tier, res.text]).toEqual(['gpt', 'in time']);
+    expect(brief(res.attempts)).toEqual([
+      ['claude', 'timeout', null, false],
+      ['gpt', null, null, false],
+    ]);
+    await waitFor(() => claude.openSockets() === 0, 5_000);
+  });
+});
+
+describe('breakers shared between routers', () => {
+  it('half-open admits one probe across routers: the other goes to the next tier meanwhile', async () => {
+    const states = memoryTierStates();
+    let now = 1_000_000;
+    const shared = { now: () => now, sleep: () => Promise.resolve() };
+    const make = () =>
+      createRouter({
+        tiers: tiers(),
+        clock: shared,
+        random: () => 1,
+        states,
+        breaker: { failureThreshold: 1, cooldownMs: 10_000 },
+      });
+    const [one, two] = [make(), make()];
+    claude.script([{ status: 500 }]);
+    expect((await one.complete(REQUEST)).tier).toBe('gpt');
+    now += 10_000;
+    // `one` probes claude, which answers slowly; `two` meanwhile must not probe it too.
+    claude.script([{ ...text('probe ok'), delayMs: 400 }]);
+    const probe = one.complete(REQUEST);
+    await waitFor(() => claude.requests.length === 2, 5_000);
+    const other = await two.complete(REQUEST);
+    expect(other.tier).toBe('gpt');
+    expect((await probe).tier).toBe('claude');
+    expect(claude.requests).toHaveLength(2);
+    expect(one.breakers().claude).toEqual({ state: 'closed', failures: 0, openUntil: 0 });
   });
 });
 
