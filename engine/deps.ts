@@ -1,5 +1,6 @@
 /** What the engine needs from its surroundings, all injected by the adapters that open it. */
 import type { Router } from './llm/router.ts';
+import type { ParkPolicy } from './queue.ts';
 import type { Logger } from './logger.ts';
 import type { Store, RunRecord } from './store.ts';
 import type { Clock } from './time.ts';
@@ -51,6 +52,7 @@ export type RunEvent =
       /** Served from the journal, without a provider call. */
       replayed: boolean;
     }
+  | { type: 'run-parked'; runId: string; step: string; dueAt: number; waitMs: number }
   | { type: 'run-ended'; runId: string; status: string };
 
 export type EngineDeps = {
@@ -68,6 +70,8 @@ export type EngineDeps = {
   crashPoint: (name: string) => void;
   emit: (event: RunEvent) => void;
   random: () => number;
+  /** When a failing run waits in the queue rather than in the process. */
+  park: ParkPolicy;
   /** The LLM router behind `ctx.llm`, built on first use. */
   llm: () => Promise<Router>;
 };

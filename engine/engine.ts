@@ -2,7 +2,6 @@
  * The engine: starts, resumes and rolls back runs over a {@link Store}. Adapters open it with a
  * concrete store (`openEngine` in the package entry); the engine itself does no I/O of its own.
  */
-import { lazyRouter, type LlmSource } from './llm/journal.ts';
 import { nanoid } from 'nanoid';
 import { decode, encode } from './codec.ts';
 import { snapshotData } from './checkpoint.ts';
@@ -13,16 +12,28 @@ import {
   InputError,
   KeelError,
   LeaseError,
+  isLeaseError,
   serializeError,
   type SerializedError,
 } from './errors.ts';
 import { HeldRun } from './held-run.ts';
+import { queueEntry } from './queue.ts';
+import { lazyRouter, type LlmSource } from './llm/journal.ts';
 import { silentLogger, type Logger } from './logger.ts';
 import { rollbackHeld, type RollbackReport } from './rollback.ts';
 import { execute, type Execution } from './runner.ts';
 import { StateTracker, replay, type Draftable } from './state.ts';
-import { RunStatus, type RunFilter, type RunRecord, type RunUpdate, type Store } from './store.ts';
-import { systemClock, type Clock } from './time.ts';
+import {
+  RunStatus,
+  type CheckpointRecord,
+  type DeadLetter,
+  type Milestone,
+  type RunFilter,
+  type RunRecord,
+  type RunUpdate,
+  type Store,
+} from './store.ts';
+import { systemClock, toMs, type Clock, type Duration } from './time.ts';
 import { checkVersion, fingerprint } from './versioning.ts';
 import { isWorkflow, type CheckRoutes, type Workflow } from './workflow.ts';
 import { planResume, viewRun, type ResumePlan, type RunSummary, type RunView } from './views.ts';
@@ -47,6 +58,14 @@ export type EngineOptions = {
   random?: () => number;
   /** The LLM router behind `ctx.llm` (or a function that builds it on first use). */
   llm?: LlmSource;
+  /**
+   * A failing step whose next attempt is at least this far off parks the run (`waiting`, no lease
+   * held) instead of sleeping in the process (default 60 s; a worker parks every wait).
+   */
+  parkAfterMs?: number;
+  /** Backoff of the parks of a run waiting out an LLM outage: first ceiling, and the cap. */
+  parkBackoffMs?: number;
+  maxParkBackoffMs?: number;
 };
 
 export type StartOptions = {
@@ -54,6 +73,52 @@ export type StartOptions = {
   id?: string;
   /** The file to load the workflow from on resume (default: the file that called `workflow()`). */
   module?: string;
+};
+
+export type WorkOptions = {
+  /** Runs carried on at once (default 4). */
+  concurrency?: number;
+  /** Aborting it stops the worker: no new claims, then the shutdown described at {@link Engine.work}. */
+  signal?: AbortSignal;
+  /** Longest sleep between looks at the queue (default 1 s); a finished run wakes it sooner. */
+  pollMs?: number;
+  /** How often to look for runs abandoned by dead processes (default: a third of the lease). */
+  abandonedScanMs?: number;
+  /** Stop when nothing is running and nothing is waiting for a due time (batch jobs, tests). */
+  untilIdle?: boolean;
+  /** On stop, how long runs in progress may take to finish before they are handed back (10 s). */
+  graceMs?: number;
+  /** Waits at least this long park the run rather than sleep in the worker (default 1 s). */
+  parkAfterMs?: number;
+};
+
+/** What a worker did, by how each run it carried on ended. */
+export type WorkReport = {
+  completed: number;
+  failed: number;
+  waiting: number;
+  other: number;
+  /** Runs that could not be carried on (their definition did not load, say). */
+  errors: number;
+};
+
+/** The reason a worker's runs are stopped when it shuts down. */
+export class WorkerStopping extends KeelError {
+  override name = 'WorkerStopping';
+  constructor(runId: string) {
+    super(ErrorCode.cancelled, 'The worker is shutting down; the run goes back to the queue.', {
+      runId,
+    });
+  }
+}
+
+export type EnqueueOptions = StartOptions & {
+  /** Higher runs first (default 0). */
+  priority?: number;
+  /** Deduplication: a second enqueue with the same key adds nothing. */
+  key?: string;
+  /** Not before this long from now (milliseconds, or a string such as "20m"). */
+  delay?: Duration;
 };
 
 export type ResumeOptions = {
@@ -121,6 +186,11 @@ export class Engine {
       },
       random: options.random ?? Math.random,
       llm: lazyRouter(options.llm),
+      park: {
+        parkAfterMs: options.parkAfterMs ?? 60_000,
+        parkBackoffMs: options.parkBackoffMs ?? 1_000,
+        maxParkBackoffMs: options.maxParkBackoffMs ?? 300_000,
+      },
     };
     this.owner = `${options.host.name}:${options.host.pid}:${nanoid(8)}`;
     this.entryScript = options.entryScript;
@@ -143,6 +213,72 @@ export class Engine {
     input: S,
     options: StartOptions = {},
   ): Promise<RunResult<S>> {
+    const { definition, run, snapshot, state } = await this.newRun(wf, input, options, 'start');
+    await this.deps.store.createRun(run, snapshot);
+    this.deps.emit({
+      type: 'run-started',
+      runId: run.id,
+      workflow: run.workflow,
+      cursor: run.cursor,
+    });
+    const held = new HeldRun(this.deps, run, definition, 1);
+    return (await this.drive(held, new StateTracker(state), 0)) as RunResult<S>;
+  }
+
+  /**
+   * Adds a run to the queue, for a worker (`keel worker`, {@link work}) to start when it is due.
+   * With a `key` that an earlier enqueue used, adds nothing and returns that run's id.
+   * @example
+   * const { runId, created } = await engine.enqueue(brief, { topic: 'leases' }, { key: 'brief:leases' });
+   */
+  async enqueue<S, N extends string, P extends string>(
+    wf: Workflow<S, N, P> & CheckRoutes<P>,
+    input: S,
+    options: EnqueueOptions = {},
+  ): Promise<{ runId: string; created: boolean }> {
+    if (options.key !== undefined && (typeof options.key !== 'string' || options.key === '')) {
+      throw new InputError(
+        `An enqueue key must be a non-empty string, got ${describe(options.key)}.`,
+        {
+          hint: 'Use a key that names the work, e.g. `brief:${topic}`, or leave it out.',
+        },
+      );
+    }
+    const priority = options.priority ?? 0;
+    if (!Number.isInteger(priority)) {
+      throw new InputError(`A priority must be an integer, got ${describe(priority)}.`, {
+        hint: 'Higher runs first; the default is 0.',
+      });
+    }
+    const { run, snapshot } = await this.newRun(wf, input, options, 'enqueue');
+    const now = run.createdAt;
+    const dueAt = now + (options.delay === undefined ? 0 : toMs(options.delay, 'delay'));
+    return this.deps.store.enqueueRun(
+      run,
+      snapshot,
+      {
+        runId: run.id,
+        workflow: run.workflow,
+        dueAt,
+        priority,
+        parks: 0,
+        waitingSince: null,
+        reason: 'queued',
+        lastError: null,
+        history: '[]',
+        createdAt: now,
+      },
+      options.key,
+    );
+  }
+
+  /** A new run record (held by this engine for `start`, by nobody for `enqueue`) and its snapshot. */
+  private async newRun(
+    wf: unknown,
+    input: unknown,
+    options: StartOptions,
+    purpose: 'start' | 'enqueue',
+  ) {
     const definition = asWorkflow(wf);
     definition.validate();
     started.set(`${definition.name}:${fingerprint(definition.shape())}`, definition);
@@ -169,13 +305,13 @@ export class Engine {
     const now = clock.now();
     const encodedInput = encode(input);
     const state = decode<Draftable>(encodedInput);
-    let snapshot: string;
+    let data: string;
     try {
-      snapshot = snapshotData(this.deps, id, null, state);
+      data = snapshotData(this.deps, id, null, state);
     } catch (error) {
       // No run exists yet: an input over the limit is the caller's to fix.
       throw new InputError(
-        `The input of workflow "${definition.name}" is too large to start a run: ${(error as Error).message.split('\n')[0]}`,
+        `The input of workflow "${definition.name}" is too large to ${purpose} a run: ${(error as Error).message.split('\n')[0]}`,
         { code: ErrorCode.stateTooLarge, cause: error, hint: (error as KeelError).hint ?? '' },
       );
     }
@@ -187,40 +323,42 @@ export class Engine {
       fingerprint: fingerprint(shape),
       graph: JSON.stringify(shape),
       module: options.module ?? this.recordableModule(definition),
-      status: RunStatus.running,
+      status: purpose === 'start' ? RunStatus.running : RunStatus.queued,
       input: encodedInput,
       cursor: definition.nodes[0]!.name,
       cursorAttempts: 0,
       stepCount: 0,
       seq: 1,
       snapshotSeq: 1,
-      snapshotBytes: snapshot.length,
+      snapshotBytes: data.length,
       patchBytes: 0,
       patchCount: 0,
       error: null,
       options: JSON.stringify({ rollbackOnFailure: definition.options.rollbackOnFailure ?? false }),
       epoch: 1,
-      lease: {
-        owner: this.owner,
-        pid: host.pid,
-        host: host.name,
-        expiresAt: now + this.deps.leaseMs,
-      },
+      lease:
+        purpose === 'start'
+          ? {
+              owner: this.owner,
+              pid: host.pid,
+              host: host.name,
+              expiresAt: now + this.deps.leaseMs,
+            }
+          : null,
       createdAt: now,
       updatedAt: now,
       endedAt: null,
+      cancelRequested: false,
     };
-    await store.createRun(run, {
+    const snapshot: CheckpointRecord = {
       runId: id,
       seq: 1,
       kind: 'snapshot',
       step: null,
-      data: snapshot,
+      data,
       createdAt: now,
-    });
-    this.deps.emit({ type: 'run-started', runId: id, workflow: run.workflow, cursor: run.cursor });
-    const held = new HeldRun(this.deps, run, definition, 1);
-    return (await this.drive(held, new StateTracker(state), 0)) as RunResult<S>;
+    };
+    return { definition, run, snapshot, state };
   }
 
   /**
@@ -230,7 +368,7 @@ export class Engine {
   async resume(runId: string, options: ResumeOptions = {}): Promise<RunResult> {
     const run = await this.mustGet(runId);
     if (run.status === RunStatus.compensating) return this.rollback(runId, options);
-    if (run.status !== RunStatus.running && run.status !== RunStatus.failed) {
+    if (!RESUMABLE.has(run.status)) {
       throw new KeelError(
         ErrorCode.notResumable,
         `Run ${runId} is ${run.status}; there is nothing to resume.`,
@@ -248,14 +386,25 @@ export class Engine {
     if (options.module !== undefined && options.module !== run.module)
       update.module = options.module;
     const held = await this.claim(run, wf);
-    if (run.status === RunStatus.failed)
+    const milestone: Milestone = { run: update };
+    if (run.status === RunStatus.failed) {
       Object.assign(update, {
         status: RunStatus.running,
         cursorAttempts: 0,
         error: null,
         endedAt: null,
       });
-    if (Object.keys(update).length > 0) await held.commit({ run: update }, 'resume');
+      // Resumed by hand: no longer a dead letter.
+      milestone.deadLetter = null;
+    }
+    if (run.status === RunStatus.queued || run.status === RunStatus.waiting) {
+      update.status = RunStatus.running;
+      held.queued = await this.deps.store.getQueueEntry(runId);
+      // Claimed: not due again while this process works on it.
+      if (held.queued) milestone.queue = { ...held.queued, dueAt: null };
+    }
+    if (Object.keys(update).length > 0 || milestone.queue || milestone.deadLetter === null)
+      await held.commit(milestone, 'resume');
     this.deps.emit({ type: 'run-resumed', runId, workflow: run.workflow, cursor: run.cursor });
     // Read after the claim: a stalled owner may have committed until the moment it lost the run.
     const tracker = new StateTracker(await this.loadState(held.run));
@@ -332,6 +481,47 @@ export class Engine {
     });
   }
 
+  /** The dead-letter queue: runs that could not finish, newest first. */
+  async deadLetters(options: { includeDropped?: boolean } = {}): Promise<DeadLetterView[]> {
+    return (await this.deps.store.listDeadLetters(options)).map(viewDeadLetter);
+  }
+
+  /** One dead letter; throws NOT_FOUND when the run has none. */
+  async deadLetter(runId: string): Promise<DeadLetterView> {
+    const letter = await this.deps.store.getDeadLetter(runId);
+    if (!letter) throw noDeadLetter(runId);
+    return viewDeadLetter(letter);
+  }
+
+  /**
+   * Puts a dead-lettered run back in the queue, due now, with its step's attempts reset: a worker
+   * continues it from its last checkpoint (the steps before it do not run again).
+   */
+  async retryDeadLetter(runId: string): Promise<void> {
+    const letter = await this.deps.store.getDeadLetter(runId);
+    if (!letter || letter.droppedAt !== null) throw noDeadLetter(runId);
+    const now = this.deps.clock.now();
+    const requeued = await this.deps.store.requeueDeadLetter(runId, {
+      runId,
+      workflow: letter.workflow,
+      dueAt: now,
+      priority: 0,
+      parks: 0,
+      waitingSince: null,
+      reason: 'queued',
+      lastError: letter.error,
+      history: '[]',
+      createdAt: now,
+    });
+    if (!requeued) throw noDeadLetter(runId);
+  }
+
+  /** Removes a run from the dead-letter listing (the run and its record stay). */
+  async dropDeadLetter(runId: string): Promise<void> {
+    if (!(await this.deps.store.dropDeadLetter(runId, this.deps.clock.now())))
+      throw noDeadLetter(runId);
+  }
+
   /** Runs, newest first, without their state. */
   async list(filter: RunFilter = {}): Promise<RunSummary[]> {
     const runs = await this.deps.store.listRuns(filter);
@@ -369,6 +559,8 @@ export class Engine {
     const execution: Execution = { deps: this.deps, held, tracker, effectOrder };
     try {
       await execute(execution);
+    } catch (error) {
+      if (!(await this.requeueStopped(held))) throw error;
     } finally {
       held.stopHeartbeat();
       this.held.delete(held);
@@ -376,6 +568,139 @@ export class Engine {
     this.deps.emit({ type: 'run-ended', runId: held.id, status: held.run.status });
     const result = this.result(held.run, tracker.base);
     return execution.rollback ? { ...result, rollback: execution.rollback } : result;
+  }
+
+  /**
+   * A run stopped by a worker's shutdown goes back to the queue, due at once, so that it shows as
+   * `waiting` and the next worker carries it on from its last checkpoint. True when it was requeued.
+   */
+  private async requeueStopped(held: HeldRun): Promise<boolean> {
+    const reason: unknown = held.signal.reason;
+    if (!held.signal.aborted || !(reason instanceof WorkerStopping)) return false;
+    if (held.run.status !== RunStatus.running) return false;
+    const now = this.deps.clock.now();
+    try {
+      await held.commit(
+        {
+          run: { status: RunStatus.waiting, lease: null },
+          queue: queueEntry(held, now, { reason: 'queued', dueAt: now, waitingSince: null }),
+        },
+        'requeue',
+      );
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Works the queue until `signal` aborts (or, with `untilIdle`, until nothing is left to do): claims
+   * due runs (highest priority first) and runs abandoned by dead processes, at most `concurrency` at
+   * once, and resumes each from its last checkpoint. Several workers may share a database: a run is
+   * claimed by one of them only. On stop, runs in progress get `graceMs` to finish; those still
+   * running are then stopped at their next milestone and put back in the queue.
+   */
+  async work(options: WorkOptions = {}): Promise<WorkReport> {
+    const { clock, store } = this.deps;
+    const concurrency = options.concurrency ?? 4;
+    if (!Number.isInteger(concurrency) || concurrency < 1) {
+      throw new InputError(
+        `concurrency must be a positive integer, got ${describe(concurrency)}.`,
+        {
+          hint: 'For example --concurrency 4.',
+        },
+      );
+    }
+    // A worker holds no lease while a run waits, beyond a moment: longer waits are parks.
+    this.deps.park.parkAfterMs = options.parkAfterMs ?? 1_000;
+    const pollMs = options.pollMs ?? 1_000;
+    const scanEveryMs = options.abandonedScanMs ?? Math.max(pollMs, this.deps.leaseMs / 3);
+    const signal = options.signal;
+    const report: WorkReport = { completed: 0, failed: 0, waiting: 0, other: 0, errors: 0 };
+    const active = new Map<string, Promise<void>>();
+    let wake: (() => void) | undefined;
+    const kick = () => wake?.();
+    const launch = (runId: string, work: () => Promise<RunResult>) => {
+      const task = work()
+        .then((result) => {
+          if (result.status === RunStatus.completed) report.completed += 1;
+          else if (result.status === RunStatus.failed) report.failed += 1;
+          else if (result.status === RunStatus.waiting) report.waiting += 1;
+          else report.other += 1;
+        })
+        .catch((error: unknown) => {
+          // Another worker got there first: not an error, the run is in hand.
+          if (error instanceof LeaseError || isLeaseError(error)) return;
+          if (signal?.aborted) return;
+          report.errors += 1;
+          this.deps.logger.error('worker: a run could not be carried on', {
+            runId,
+            error: String(error),
+          });
+        })
+        .finally(() => {
+          active.delete(runId);
+          kick();
+        });
+      active.set(runId, task);
+    };
+    let lastScan = -Infinity;
+    while (!signal?.aborted) {
+      const now = clock.now();
+      if (active.size < concurrency) {
+        const due = await store.dueRuns(now, concurrency + active.size);
+        for (const entry of due) {
+          if (active.size >= concurrency) break;
+          if (active.has(entry.runId)) continue;
+          launch(entry.runId, () => this.resume(entry.runId));
+        }
+      }
+      if (active.size < concurrency && now - lastScan >= scanEveryMs) {
+        lastScan = now;
+        const abandoned = await store.listRuns({
+          status: [RunStatus.running, RunStatus.compensating],
+        });
+        for (const run of abandoned) {
+          if (active.size >= concurrency) break;
+          if (active.has(run.id) || this.leaseIsLive(run)) continue;
+          launch(run.id, () => this.resume(run.id));
+        }
+      }
+      const stats = await store.queueStats();
+      if (options.untilIdle && active.size === 0) {
+        const timed = stats.nextDueAt !== null;
+        if (!timed) break;
+      }
+      const untilDue = stats.nextDueAt === null ? pollMs : stats.nextDueAt - clock.now();
+      const napMs = Math.max(0, Math.min(pollMs, untilDue));
+      if (active.size >= concurrency || napMs > 0) {
+        const nap = new AbortController();
+        const stop = () => nap.abort();
+        signal?.addEventListener('abort', stop, { once: true });
+        wake = stop;
+        try {
+          await clock.sleep(active.size >= concurrency ? pollMs : napMs || pollMs, nap.signal);
+        } catch {
+          // woken: a run finished, or the worker is stopping
+        } finally {
+          wake = undefined;
+          signal?.removeEventListener('abort', stop);
+        }
+      }
+    }
+    await this.drain(active, options.graceMs ?? 10_000);
+    return report;
+  }
+
+  /** Lets runs in progress finish for `graceMs`, then stops the rest and puts them back in the queue. */
+  private async drain(active: Map<string, Promise<void>>, graceMs: number): Promise<void> {
+    if (active.size === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const grace = new Promise<void>((resolve) => (timer = setTimeout(resolve, graceMs)));
+    await Promise.race([Promise.allSettled([...active.values()]), grace]);
+    clearTimeout(timer);
+    for (const held of this.held) held.abort(new WorkerStopping(held.id));
+    await Promise.allSettled([...active.values()]);
   }
 
   private result(run: RunRecord, state: object): RunResult {
@@ -475,6 +800,43 @@ export class Engine {
     return run;
   }
 }
+
+/** A dead letter as `keel dlq` shows it. */
+export type DeadLetterView = {
+  runId: string;
+  workflow: string;
+  step: string | null;
+  reason: DeadLetter['reason'];
+  error: SerializedError;
+  history: unknown[];
+  createdAt: number;
+  droppedAt: number | null;
+};
+
+const viewDeadLetter = (d: DeadLetter): DeadLetterView => ({
+  runId: d.runId,
+  workflow: d.workflow,
+  step: d.step,
+  reason: d.reason,
+  error: JSON.parse(d.error) as SerializedError,
+  history: JSON.parse(d.history) as unknown[],
+  createdAt: d.createdAt,
+  droppedAt: d.droppedAt,
+});
+
+const noDeadLetter = (runId: string) =>
+  new InputError(`Run "${runId}" is not in the dead-letter queue.`, {
+    code: ErrorCode.notFound,
+    hint: 'List dead letters with `keel dlq ls`.',
+  });
+
+/** Statuses `resume` carries on from (`compensating` continues its rollback instead). */
+const RESUMABLE: ReadonlySet<RunStatus> = new Set<RunStatus>([
+  RunStatus.running,
+  RunStatus.failed,
+  RunStatus.queued,
+  RunStatus.waiting,
+]);
 
 /** A nanoid that does not begin with '-', which a command line would read as an option. */
 function newRunId(): string {

@@ -6,7 +6,7 @@
  */
 import type { EngineDeps, AnyWorkflow } from './deps.ts';
 import { LeaseError, isLeaseError } from './errors.ts';
-import type { Milestone, RunRecord } from './store.ts';
+import type { Milestone, QueueEntry, RunRecord } from './store.ts';
 import type { InlineCompensation } from './workflow.ts';
 
 export class HeldRun {
@@ -15,6 +15,8 @@ export class HeldRun {
   readonly epoch: number;
   /** Handlers given to `ctx.effect` in this process, by effect name, for an in-process rollback. */
   readonly inlineEffects = new Map<string, InlineCompensation>();
+  /** The run's queue entry while it has one: its parks so far, and since when it waits. */
+  queued: QueueEntry | undefined;
   private readonly controller = new AbortController();
   private heartbeat: ReturnType<typeof setInterval> | undefined;
   private readonly deps: EngineDeps;

@@ -54,3 +54,6 @@ export { classifyFailure } from './llm/classify.ts';
 export { memoryTierStates, type TierState, type TierStateStore } from './llm/tier-state.ts';
 export type * from './llm/types.ts';
 export { FailureClass } from './llm/types.ts';
+export type { EnqueueOptions, WorkOptions, WorkReport } from './engine.ts';
+export { WorkerStopping } from './engine.ts';
+export type { DeadLetterView } from './engine.ts';

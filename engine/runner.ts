@@ -25,7 +25,15 @@ import type { HeldRun } from './held-run.ts';
 import { journaledLlm } from './llm/journal.ts';
 import { rollbackHeld, type RollbackReport } from './rollback.ts';
 import type { StateTracker } from './state.ts';
-import { RunStatus, type EffectRecord, type Milestone, type StepRecord } from './store.ts';
+import {
+  RunStatus,
+  type DeadLetterReason,
+  type EffectRecord,
+  type Milestone,
+  type RunUpdate,
+  type StepRecord,
+} from './store.ts';
+import { curableWait, deadLetter, isCurable, maxWaitMs, parkEntry } from './queue.ts';
 import { backoffMs } from './time.ts';
 import {
   END,
@@ -96,6 +104,7 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
       const state = stateMilestone(deps, held.run, node.name, patches, next);
       await held.commit(
         {
+          ...dequeue(ex),
           checkpoint: state.checkpoint,
           run: { ...state.run, ...advance(ex, index, target) },
           step: stepRecord(
@@ -118,30 +127,88 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
       tracker.restart(false);
       if (held.signal.aborted || isLeaseError(thrown)) throw held.signal.reason ?? thrown;
       const error = explainStale(thrown, node.name, held.id);
+      if (isCurable(error)) {
+        // An outage: wait it out, without spending the step's attempts, up to the wait limit.
+        const now = deps.clock.now();
+        const waitMs = curableWait(deps, deps.park, held.queued?.parks ?? 0, error);
+        const waited = now - (held.queued?.waitingSince ?? now);
+        if (waited + waitMs > maxWaitMs(held.workflow.options.maxWait)) {
+          await fail(ex, node.name, error, attempt, startedAt, {}, 'wait_limit');
+          return;
+        }
+        held.queued = parkEntry(held, now, node.name, error, waitMs);
+        if (waitMs >= deps.park.parkAfterMs) {
+          await park(ex, node.name, error, waitMs, {});
+          return;
+        }
+        retrying(ex, node.name, attempt, waitMs, error);
+        await deps.clock.sleep(waitMs, held.signal);
+        continue;
+      }
       if (!isRetryable(error) || attempt >= policy.attempts) {
         await fail(ex, node.name, error, attempt, startedAt);
         return;
       }
       const delayMs = backoffMs(attempt, policy.backoffMs, policy.maxBackoffMs, deps.random);
+      if (delayMs >= deps.park.parkAfterMs) {
+        held.queued = parkEntry(held, deps.clock.now(), node.name, error, delayMs);
+        await park(ex, node.name, error, delayMs, { cursorAttempts: attempt });
+        return;
+      }
       await held.commit({ run: { cursorAttempts: attempt } }, 'attempt');
-      deps.emit({
-        type: 'step-retrying',
-        runId: held.id,
-        step: node.name,
-        attempt,
-        delayMs,
-        error: String(error),
-      });
-      deps.logger.warn('step failed; retrying', {
-        runId: held.id,
-        step: node.name,
-        attempt,
-        delayMs,
-        error: String(error),
-      });
+      retrying(ex, node.name, attempt, delayMs, error);
       await deps.clock.sleep(delayMs, held.signal);
     }
   }
+}
+
+function retrying(ex: Execution, step: string, attempt: number, delayMs: number, error: unknown) {
+  const { deps, held } = ex;
+  deps.emit({
+    type: 'step-retrying',
+    runId: held.id,
+    step,
+    attempt,
+    delayMs,
+    error: String(error),
+  });
+  deps.logger.warn('step failed; retrying', {
+    runId: held.id,
+    step,
+    attempt,
+    delayMs,
+    error: String(error),
+  });
+}
+
+/** Leaves the run `waiting` until its queue entry is due, holding no lease. */
+async function park(
+  ex: Execution,
+  step: string,
+  error: unknown,
+  waitMs: number,
+  run: Pick<RunUpdate, 'cursorAttempts'>,
+) {
+  const { deps, held } = ex;
+  await held.commit(
+    { run: { ...run, status: RunStatus.waiting, lease: null }, queue: held.queued! },
+    'park',
+  );
+  deps.emit({ type: 'run-parked', runId: held.id, step, dueAt: held.queued!.dueAt!, waitMs });
+  deps.logger.warn('run parked', {
+    runId: held.id,
+    step,
+    waitMs,
+    due: new Date(held.queued!.dueAt!).toISOString(),
+    error: String(error),
+  });
+}
+
+/** The queue entry's removal, when the run had one: it made progress, so it no longer waits. */
+function dequeue(ex: Execution): Pick<Milestone, 'queue'> {
+  if (!ex.held.queued) return {};
+  ex.held.queued = undefined;
+  return { queue: null };
 }
 
 async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
@@ -173,6 +240,7 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
     const attempts = outcome.record?.attempts ?? 1;
     await held.commit(
       {
+        ...dequeue(ex),
         checkpoint: state.checkpoint,
         run: { ...state.run, ...advance(ex, index, target) },
         step: stepRecord(
@@ -335,13 +403,17 @@ async function fail(
   attempts: number,
   startedAt: number,
   extra: Pick<Milestone, 'effect'> = {},
+  reason: DeadLetterReason = isRetryable(error) ? 'attempts' : 'not_retryable',
 ) {
   const { deps, held } = ex;
   const serialized = JSON.stringify({ ...serializeError(error), step });
   const rollback = held.workflow.options.rollbackOnFailure === true;
+  const letter = deadLetter(held, deps.clock.now(), step, error, reason, attempts);
   await held.commit(
     {
       ...extra,
+      ...dequeue(ex),
+      deadLetter: letter,
       run: {
         status: RunStatus.failed,
         error: serialized,

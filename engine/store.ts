@@ -17,6 +17,9 @@ export const RunStatus = {
   compensating: 'compensating',
   rolledBack: 'rolled_back',
   compensationFailed: 'compensation_failed',
+  /** Enqueued, not started yet: a worker starts it when it is due. */
+  queued: 'queued',
+  cancelled: 'cancelled',
 } as const;
 export type RunStatus = (typeof RunStatus)[keyof typeof RunStatus];
 
@@ -73,6 +76,8 @@ export type RunRecord = {
   createdAt: number;
   updatedAt: number;
   endedAt: number | null;
+  /** `cancel` was asked for: the holder stops the run at its next milestone. */
+  cancelRequested: boolean;
 };
 
 export type RunUpdate = Partial<
@@ -175,12 +180,56 @@ export type LlmCallRecord = {
   updatedAt: number;
 };
 
+/** Why a run sits in the queue. */
+export type QueueReason = 'queued' | 'parked' | 'sleep' | 'signal';
+
+/** A run waiting for a worker. */
+export type QueueEntry = {
+  runId: string;
+  workflow: string;
+  /** When it is due; null for a wait that only a signal ends. */
+  dueAt: number | null;
+  /** Higher first. */
+  priority: number;
+  /** Times parked since it last made progress. */
+  parks: number;
+  /** When the current stretch of waiting began. */
+  waitingSince: number | null;
+  reason: QueueReason;
+  lastError: string | null;
+  /** JSON array of {@link ParkRecord}. */
+  history: string;
+  createdAt: number;
+};
+
+/** One park, as the history of a queue entry and a dead letter keeps it. */
+export type ParkRecord = { at: number; step: string; error: string; waitMs: number };
+
+export type DeadLetterReason = 'attempts' | 'wait_limit' | 'not_retryable';
+
+export type DeadLetter = {
+  runId: string;
+  workflow: string;
+  step: string | null;
+  reason: DeadLetterReason;
+  /** The serialized error, with its causes. */
+  error: string;
+  /** JSON array of the step's attempts and the run's parks, with their times. */
+  history: string;
+  createdAt: number;
+  droppedAt: number | null;
+};
+
 /** What one milestone writes. */
 export type Milestone = {
   run?: RunUpdate;
   checkpoint?: CheckpointRecord;
   step?: StepRecord;
   effect?: EffectRecord;
+  /** The run's queue entry: written (it waits), or null (removed: it no longer waits). */
+  queue?: QueueEntry | null;
+  /** A dead letter for the run, or null to remove its dead letter (it was resumed). */
+  deadLetter?: DeadLetter | null;
 };
 
 export type RunFilter = {
@@ -197,6 +246,27 @@ export type LeaseClaim = { owner: string; pid: number; host: string; expiresAt: 
 export interface Store extends TierStateStore {
   /** Inserts a run, held by `lease` at epoch 1, with its first snapshot. */
   createRun(run: RunRecord, snapshot: CheckpointRecord): Promise<void>;
+  /**
+   * Inserts a run that nobody holds, with its snapshot and its queue entry, all or nothing. With a
+   * `key` already used by another run, inserts nothing and returns that run's id.
+   */
+  enqueueRun(
+    run: RunRecord,
+    snapshot: CheckpointRecord,
+    entry: QueueEntry,
+    key?: string,
+  ): Promise<{ runId: string; created: boolean }>;
+  /** Queue entries due at `now`, highest priority first, then oldest due. */
+  dueRuns(now: number, limit: number): Promise<QueueEntry[]>;
+  getQueueEntry(runId: string): Promise<QueueEntry | undefined>;
+  /** How many entries are queued, and the earliest due time among them (null when none is timed). */
+  queueStats(): Promise<{ waiting: number; nextDueAt: number | null }>;
+  listDeadLetters(options?: { includeDropped?: boolean }): Promise<DeadLetter[]>;
+  getDeadLetter(runId: string): Promise<DeadLetter | undefined>;
+  /** Marks an entry dropped (kept for the record); false when there is none to drop. */
+  dropDeadLetter(runId: string, at: number): Promise<boolean>;
+  /** Removes a dead letter and queues its run again, due `at` (for `dlq retry`). */
+  requeueDeadLetter(runId: string, entry: QueueEntry): Promise<boolean>;
   getRun(id: string): Promise<RunRecord | undefined>;
   listRuns(filter?: RunFilter): Promise<RunRecord[]>;
   /**

@@ -128,6 +128,11 @@ export type WorkflowOptions = {
   version: number;
   /** Most step executions per run, cycles included (default 1,000). */
   maxSteps?: number;
+  /**
+   * The longest a run may wait in one stretch for an outage to pass (parked, its LLM calls failing)
+   * before it is dead-lettered; default 24 hours.
+   */
+  maxWait?: Duration;
   /** Roll back completed effects on its own when the run fails (default false). */
   rollbackOnFailure?: boolean;
   description?: string;

@@ -48,6 +48,7 @@ describe('SqliteStore across connections to one file', () => {
     createdAt: T0,
     updatedAt: T0,
     endedAt: null,
+    cancelRequested: false,
   };
 
   it('C02: a connection whose epoch another connection superseded cannot write', async () => {

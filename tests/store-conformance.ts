@@ -46,6 +46,7 @@ function runRecord(id: string, overrides: Partial<RunRecord> = {}): RunRecord {
     createdAt: T0,
     updatedAt: T0,
     endedAt: null,
+    cancelRequested: false,
     ...overrides,
   };
 }

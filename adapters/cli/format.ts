@@ -1,6 +1,7 @@
 /** Human-readable output of runs: the `show` timeline and the `ls` table. */
 import { toDisplayJson } from '../../engine/codec.ts';
 import { errorSummary, type SerializedError } from '../../engine/errors.ts';
+import type { DeadLetterView } from '../../engine/engine.ts';
 import type { ResumePlan, RunSummary, RunView } from '../../engine/views.ts';
 
 const time = (ms: number | null) =>
@@ -174,4 +175,63 @@ function indent(text: string): string {
     .split('\n')
     .map((l) => `  ${l}`)
     .join('\n');
+}
+
+const REASONS: Record<DeadLetterView['reason'], string> = {
+  attempts: "the step's attempts are spent",
+  wait_limit: 'it waited longer than its limit',
+  not_retryable: 'its error cannot be cured by a retry',
+};
+
+export function formatDeadLetters(letters: DeadLetterView[]): string {
+  if (letters.length === 0) return 'the dead-letter queue is empty';
+  return table(
+    ['run', 'workflow', 'step', 'reason', 'since', 'error'],
+    letters.map((d) => [
+      d.runId,
+      d.workflow,
+      d.step ?? '-',
+      d.reason,
+      new Date(d.createdAt).toISOString(),
+      errorSummary(d.error).slice(0, 70),
+    ]),
+  );
+}
+
+export function formatDeadLetter(d: DeadLetterView): string {
+  const lines = [
+    `run       ${d.runId}`,
+    `workflow  ${d.workflow}`,
+    `step      ${d.step ?? '-'}`,
+    `reason    ${d.reason}: ${REASONS[d.reason]}`,
+    `since     ${new Date(d.createdAt).toISOString()}${d.droppedAt ? ` (dropped ${new Date(d.droppedAt).toISOString()})` : ''}`,
+    '',
+    'error',
+  ];
+  let error: SerializedError | undefined = d.error;
+  for (let depth = 0; error && depth < 8; depth++) {
+    lines.push(
+      `${'  '.repeat(depth + 1)}${error.code ? `[${error.code}] ` : ''}${error.message.split('\n')[0]}`,
+    );
+    error = error.cause as SerializedError | undefined;
+  }
+  lines.push('', 'history');
+  for (const h of d.history as {
+    at: number;
+    step: string;
+    error: string;
+    waitMs?: number;
+    attempts?: number;
+  }[]) {
+    const what =
+      h.waitMs !== undefined
+        ? `parked ${h.waitMs} ms`
+        : `failed after ${h.attempts ?? '?'} attempt(s)`;
+    lines.push(`  ${new Date(h.at).toISOString()}  ${h.step}  ${what}: ${h.error}`);
+  }
+  lines.push(
+    '',
+    `retry it with \`keel dlq retry ${d.runId}\`; it continues from its last checkpoint`,
+  );
+  return lines.join('\n');
 }

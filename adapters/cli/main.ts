@@ -18,7 +18,14 @@ import { RunStatus } from '../../engine/store.ts';
 import { DEFAULT_DB, openEngine } from '../index.ts';
 import { consoleLogger, parseLogLevel } from '../console-logger.ts';
 import { loadWorkflow } from '../loader.ts';
-import { formatList, formatPlan, formatRun } from './format.ts';
+import { toMs } from '../../engine/time.ts';
+import {
+  formatDeadLetter,
+  formatDeadLetters,
+  formatList,
+  formatPlan,
+  formatRun,
+} from './format.ts';
 import { createProgress, type Progress } from './progress.ts';
 import { registerDoctor } from './doctor.ts';
 
@@ -93,9 +100,25 @@ class Cli {
     return ok.includes(result.status) ? 0 : 1;
   }
 
+  /**
+   * `keel worker`: the first SIGINT or SIGTERM stops it gracefully (`onStop`), the second at once.
+   */
+  stopWith(onStop: (signal: NodeJS.Signals) => void): void {
+    this.onStop = onStop;
+  }
+
+  private onStop: ((signal: NodeJS.Signals) => void) | undefined;
+
   /** Ctrl-C: stop at the next milestone and hand the lease back, so `keel resume` can go on at once. */
   private handleSignals(): void {
     const stop = (signal: NodeJS.Signals) => {
+      if (this.onStop && !this.interrupted) {
+        this.interrupted = true;
+        process.stderr.write(`\nkeel: ${signal}: finishing the runs in hand, then stopping\n`);
+        process.once(signal, () => process.exit(signal === 'SIGINT' ? 130 : 143));
+        this.onStop(signal);
+        return;
+      }
       if (this.interrupted) process.exit(130);
       this.interrupted = true;
       process.stderr.write(
@@ -127,6 +150,10 @@ function summaryOf(
       lines.push(`  no compensation declared (left applied): ${skipped.join(', ')}`);
     if (remaining.length) lines.push(`  still applied: ${remaining.join(', ')}`);
   }
+  if (status === RunStatus.waiting || status === RunStatus.queued)
+    lines.push(
+      `  waiting in the queue: \`keel worker\` carries it on when it is due (\`keel show ${result.id}\` says why)`,
+    );
   if (status === RunStatus.failed)
     lines.push(
       `  inspect with \`keel show ${result.id}\`; retry with \`keel resume ${result.id}\` or undo with \`keel rollback ${result.id}\``,
@@ -175,6 +202,19 @@ function positiveInteger(flag: string) {
     }
     return n;
   };
+}
+
+function integer(flag: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n)) throw new InvalidArgumentError(`${flag} must be an integer.`);
+    return n;
+  };
+}
+
+/** A duration argument: milliseconds or a string such as "20m", checked here for a clear error. */
+function durationArg(value: string): number {
+  return toMs(/^\d+$/.test(value) ? Number(value) : value, '--delay');
 }
 
 function packageVersion(): string {
@@ -318,6 +358,158 @@ function program(): Command {
       return run(c, async () => {
         const view = await engine.get(id);
         c.print(formatRun(view), view);
+        return 0;
+      });
+    });
+
+  root
+    .command('enqueue')
+    .description('add a run to the queue, for `keel worker` to start')
+    .argument('<file>', 'a .ts or .js file exporting a workflow')
+    .option('--workflow <name>', 'which workflow, when the file exports several')
+    .option('--input <json>', 'input as JSON, or @file.json')
+    .option('--priority <n>', 'higher runs first (default 0)', integer('--priority'))
+    .option('--key <key>', 'deduplication: a second enqueue with this key adds nothing')
+    .option('--delay <duration>', 'not before this long from now, e.g. 30s or 20m')
+    .action(
+      async (
+        file: string,
+        opts: {
+          workflow?: string;
+          input?: string;
+          priority?: number;
+          key?: string;
+          delay?: string;
+        },
+        command: Command,
+      ) => {
+        const c = cli(command);
+        const input = parseInput(opts.input);
+        const wf = await loadWorkflow(file, opts.workflow);
+        const engine = c.open(false);
+        return run(c, async () => {
+          const queued = await engine.enqueue(wf, input, {
+            module: resolve(file),
+            ...(opts.priority !== undefined ? { priority: opts.priority } : {}),
+            ...(opts.key !== undefined ? { key: opts.key } : {}),
+            ...(opts.delay !== undefined ? { delay: durationArg(opts.delay) } : {}),
+          });
+          c.print(
+            queued.created
+              ? `queued run ${queued.runId}`
+              : `already queued as run ${queued.runId} (key ${opts.key}); nothing added`,
+            queued,
+          );
+          return 0;
+        });
+      },
+    );
+
+  root
+    .command('worker')
+    .description('work the queue: start and continue due runs, until stopped (SIGINT or SIGTERM)')
+    .option(
+      '--concurrency <n>',
+      'runs carried on at once (default 4)',
+      positiveInteger('--concurrency'),
+    )
+    .option(
+      '--poll <ms>',
+      'longest sleep between looks at the queue (default 1000)',
+      positiveInteger('--poll'),
+    )
+    .option(
+      '--grace <ms>',
+      'on stop, time for runs in progress to finish (default 10000)',
+      positiveInteger('--grace'),
+    )
+    .option('--until-idle', 'stop once nothing runs and nothing waits for a due time')
+    .action(
+      async (
+        opts: { concurrency?: number; poll?: number; grace?: number; untilIdle?: boolean },
+        command: Command,
+      ) => {
+        const c = cli(command);
+        const engine = c.open(false);
+        const stop = new AbortController();
+        c.stopWith(() => stop.abort());
+        return run(c, async () => {
+          const report = await engine.work({
+            signal: stop.signal,
+            ...(opts.concurrency ? { concurrency: opts.concurrency } : {}),
+            ...(opts.poll ? { pollMs: opts.poll } : {}),
+            ...(opts.grace ? { graceMs: opts.grace } : {}),
+            untilIdle: opts.untilIdle === true,
+          });
+          c.print(
+            `worker stopped: ${report.completed} completed, ${report.failed} failed, ${report.waiting} waiting, ${report.errors} not carried on`,
+            report,
+          );
+          return 0;
+        });
+      },
+    );
+
+  const dlq = root.command('dlq').description('the dead-letter queue: runs that could not finish');
+  dlq
+    .command('ls')
+    .description('dead-lettered runs, newest first')
+    .option('--all', 'include dropped entries')
+    .action(async (opts: { all?: boolean }, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () => {
+        const letters = await engine.deadLetters({ includeDropped: opts.all === true });
+        c.print(formatDeadLetters(letters), letters);
+        return 0;
+      });
+    });
+  dlq
+    .command('show')
+    .description('a dead letter: the step, the reason, the error chain and the attempts')
+    .argument('<run-id>')
+    .action(async (id: string, _opts: object, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () => {
+        const letter = await engine.deadLetter(id);
+        c.print(formatDeadLetter(letter), letter);
+        return 0;
+      });
+    });
+  dlq
+    .command('retry')
+    .description('queue a dead-lettered run again; it continues from its last checkpoint')
+    .argument('[run-id]')
+    .option('--all', 'every dead-lettered run')
+    .action(async (id: string | undefined, opts: { all?: boolean }, command: Command) => {
+      const c = cli(command);
+      if (!id && !opts.all)
+        throw new InputError('Give a run id, or --all.', { hint: 'List them with `keel dlq ls`.' });
+      if (id && opts.all) throw new InputError('Give a run id or --all, not both.');
+      const engine = c.open(true);
+      return run(c, async () => {
+        const ids = id ? [id] : (await engine.deadLetters()).map((d) => d.runId);
+        for (const runId of ids) await engine.retryDeadLetter(runId);
+        c.print(
+          ids.length
+            ? `queued again: ${ids.join(', ')}; \`keel worker\` carries them on`
+            : 'the dead-letter queue is empty',
+          { retried: ids },
+        );
+        return 0;
+      });
+    });
+  dlq
+    .command('drop')
+    .description('remove a run from the dead-letter queue (the run and its record stay)')
+    .argument('<run-id>')
+    .action(async (id: string, _opts: object, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () => {
+        await engine.dropDeadLetter(id);
+        c.print(`dropped ${id} from the dead-letter queue`, { dropped: id });
         return 0;
       });
     });

@@ -38,6 +38,8 @@ export const runs = sqliteTable(
     createdAt: integer('created_at').notNull(),
     updatedAt: integer('updated_at').notNull(),
     endedAt: integer('ended_at'),
+    /** Set by `cancel`: the holder stops the run at its next milestone or heartbeat. */
+    cancelRequested: integer('cancel_requested').notNull().default(0),
   },
   (t) => [
     index('runs_status_idx').on(t.status),
@@ -57,6 +59,8 @@ export const runSpecs = sqliteTable('run_specs', {
   graph: text('graph').notNull(),
   input: text('input').notNull(),
   options: text('options').notNull().default('{}'),
+  /** The enqueue key: a second enqueue with the same key adds nothing. */
+  queueKey: text('queue_key').unique(),
 });
 
 export const checkpoints = sqliteTable(
@@ -178,3 +182,86 @@ export const llmTiers = sqliteTable('llm_tiers', {
   misconfigured: text('misconfigured'),
   updatedAt: integer('updated_at').notNull(),
 });
+
+/**
+ * Runs waiting for a worker: queued to start, parked until an outage passes, or asleep in a durable
+ * wait. A row exists only while its run waits; the worker claims runs whose `due_at` has come, best
+ * `priority` first. A run waiting for a signal with no timeout has no due time.
+ */
+export const queue = sqliteTable(
+  'queue',
+  {
+    runId: text('run_id')
+      .primaryKey()
+      .references(() => runs.id),
+    workflow: text('workflow').notNull(),
+    dueAt: integer('due_at'),
+    priority: integer('priority').notNull().default(0),
+    /** Times the run was parked since it last made progress. */
+    parks: integer('parks').notNull().default(0),
+    /** When the current stretch of waiting began, for the limit on total waiting. */
+    waitingSince: integer('waiting_since'),
+    /** Why it waits: `queued`, `parked`, `sleep`, `signal`. */
+    reason: text('reason').notNull(),
+    lastError: text('last_error'),
+    /** JSON array of the parks so far: when, at which step, why, for how long. */
+    history: text('history').notNull().default('[]'),
+    createdAt: integer('created_at').notNull(),
+  },
+  (t) => [index('queue_due_idx').on(t.dueAt, t.priority)],
+);
+
+/** Runs that could not finish: what failed, where, and the attempts that led there. */
+export const deadLetters = sqliteTable('dead_letters', {
+  runId: text('run_id')
+    .primaryKey()
+    .references(() => runs.id),
+  workflow: text('workflow').notNull(),
+  step: text('step'),
+  /** `attempts` (the step's retries are spent), `wait_limit`, or `not_retryable`. */
+  reason: text('reason').notNull(),
+  /** The serialized error, with its chain of causes. */
+  error: text('error').notNull(),
+  /** JSON array of the attempts and parks with their timestamps. */
+  history: text('history').notNull(),
+  createdAt: integer('created_at').notNull(),
+  /** Set by `keel dlq drop`; a dropped entry is kept for the record but no longer listed. */
+  droppedAt: integer('dropped_at'),
+});
+
+/** Durable waits: `ctx.sleep` and `ctx.waitFor`, by name within a run. */
+export const waits = sqliteTable(
+  'waits',
+  {
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    name: text('name').notNull(),
+    kind: text('kind', { enum: ['sleep', 'signal'] }).notNull(),
+    step: text('step').notNull(),
+    status: text('status', { enum: ['waiting', 'fired', 'timed_out'] }).notNull(),
+    /** When a sleep ends or a wait for a signal times out; null for a wait with no timeout. */
+    dueAt: integer('due_at'),
+    /** The signal's payload, encoded, once delivered. */
+    payload: text('payload'),
+    createdAt: integer('created_at').notNull(),
+    firedAt: integer('fired_at'),
+  },
+  (t) => [primaryKey({ columns: [t.runId, t.name] })],
+);
+
+/** Signals sent to runs, kept until a wait of the same name takes them, in the order sent. */
+export const signals = sqliteTable(
+  'signals',
+  {
+    id: integer('id').primaryKey({ autoIncrement: true }),
+    runId: text('run_id')
+      .notNull()
+      .references(() => runs.id),
+    name: text('name').notNull(),
+    payload: text('payload'),
+    sentAt: integer('sent_at').notNull(),
+    consumedAt: integer('consumed_at'),
+  },
+  (t) => [index('signals_run_idx').on(t.runId, t.name, t.id)],
+);

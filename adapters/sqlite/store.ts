@@ -13,10 +13,12 @@ import { LeaseError } from '../../engine/errors.ts';
 import type {
   CheckpointRecord,
   CommitHooks,
+  DeadLetter,
   EffectRecord,
   LeaseClaim,
   LlmCallRecord,
   Milestone,
+  QueueEntry,
   RunFilter,
   RunRecord,
   RunStatus,
@@ -29,8 +31,9 @@ import { initialTierState, type TierState } from '../../engine/llm/tier-state.ts
 import { openDatabase, translate, type SqliteOptions } from './open.ts';
 import * as schema from './schema.ts';
 
-const { runs, runSpecs, checkpoints, steps, effects, llmCalls, llmTiers } = schema;
-type RunRow = typeof runs.$inferSelect & Omit<typeof runSpecs.$inferSelect, 'runId'>;
+const { runs, runSpecs, checkpoints, steps, effects, llmCalls, llmTiers, queue, deadLetters } =
+  schema;
+type RunRow = typeof runs.$inferSelect & Omit<typeof runSpecs.$inferSelect, 'runId' | 'queueKey'>;
 const RUN_SELECTION = {
   ...getTableColumns(runs),
   graph: runSpecs.graph,
@@ -94,6 +97,21 @@ export class SqliteStore implements Store {
         'UPDATE runs SET lease_expires_at = ? WHERE id = ? AND epoch = ? AND lease_owner IS NOT NULL',
       ),
       heldAt: p('SELECT 1 FROM runs WHERE id = ? AND epoch = ?'),
+      deleteQueue: p('DELETE FROM queue WHERE run_id = ?'),
+      deleteDeadLetter: p('DELETE FROM dead_letters WHERE run_id = ?'),
+      upsertQueue: p(
+        `INSERT OR REPLACE INTO queue (run_id, workflow, due_at, priority, parks, waiting_since, reason,
+           last_error, history, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      ),
+      dueRuns: p(
+        `SELECT * FROM queue WHERE due_at IS NOT NULL AND due_at <= ?
+         ORDER BY priority DESC, due_at ASC, created_at ASC LIMIT ?`,
+      ),
+      upsertDeadLetter: p(
+        `INSERT OR REPLACE INTO dead_letters (run_id, workflow, step, reason, error, history, created_at,
+           dropped_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      ),
+      runByKey: p('SELECT run_id FROM run_specs WHERE queue_key = ?'),
       upsertLlmCall: p(
         `INSERT OR REPLACE INTO llm_calls (run_id, step_index, position, step, request_hash, status, streamed,
            response, error, tier, provider, model, degraded, attempts, input_tokens, output_tokens,
@@ -166,6 +184,10 @@ export class SqliteStore implements Store {
         if (milestone.checkpoint) this.insertCheckpoint(milestone.checkpoint);
         if (milestone.step) this.insertStep(milestone.step, epoch);
         if (milestone.effect) this.upsertEffect(milestone.effect);
+        if (milestone.queue === null) this.statements.deleteQueue.run(id);
+        else if (milestone.queue) this.upsertQueue(milestone.queue);
+        if (milestone.deadLetter === null) this.statements.deleteDeadLetter.run(id);
+        else if (milestone.deadLetter) this.upsertDeadLetter(milestone.deadLetter);
         if (milestone.run?.lease === null) this.statements.releaseLease.run(id);
       },
     );
@@ -179,6 +201,108 @@ export class SqliteStore implements Store {
           this.db.insert(runs).values(row).run();
           this.db.insert(runSpecs).values({ runId: run.id, graph, input, options }).run();
           this.insertCheckpoint(snapshot);
+        })
+        .immediate(),
+    );
+  }
+
+  async enqueueRun(
+    run: RunRecord,
+    snapshot: CheckpointRecord,
+    entry: QueueEntry,
+    key?: string,
+  ): Promise<{ runId: string; created: boolean }> {
+    return this.guard(() =>
+      this.sqlite
+        .transaction(() => {
+          if (key !== undefined) {
+            const existing = this.statements.runByKey.get(key) as { run_id: string } | undefined;
+            if (existing) return { runId: existing.run_id, created: false };
+          }
+          const { graph, input, options, ...row } = toRow(run);
+          this.db.insert(runs).values(row).run();
+          this.db
+            .insert(runSpecs)
+            .values({ runId: run.id, graph, input, options, queueKey: key ?? null })
+            .run();
+          this.insertCheckpoint(snapshot);
+          this.upsertQueue(entry);
+          return { runId: run.id, created: true };
+        })
+        .immediate(),
+    );
+  }
+
+  async dueRuns(now: number, limit: number): Promise<QueueEntry[]> {
+    const rows = this.guard(() => this.statements.dueRuns.all(now, limit) as QueueRow[]);
+    return rows.map(fromQueueRow);
+  }
+
+  async getQueueEntry(runId: string): Promise<QueueEntry | undefined> {
+    const row = this.guard(() => this.db.select().from(queue).where(eq(queue.runId, runId)).get());
+    return row && { ...row, reason: row.reason as QueueEntry['reason'] };
+  }
+
+  async queueStats(): Promise<{ waiting: number; nextDueAt: number | null }> {
+    const row = this.guard(
+      () =>
+        this.sqlite.prepare('SELECT count(*) AS n, min(due_at) AS next FROM queue').get() as {
+          n: number;
+          next: number | null;
+        },
+    );
+    return { waiting: row.n, nextDueAt: row.next };
+  }
+
+  async listDeadLetters(options: { includeDropped?: boolean } = {}): Promise<DeadLetter[]> {
+    const rows = this.guard(() =>
+      this.db
+        .select()
+        .from(deadLetters)
+        .where(options.includeDropped ? undefined : sql`${deadLetters.droppedAt} IS NULL`)
+        .orderBy(desc(deadLetters.createdAt), desc(deadLetters.runId))
+        .all(),
+    );
+    return rows.map((r) => ({ ...r, reason: r.reason as DeadLetter['reason'] }));
+  }
+
+  async getDeadLetter(runId: string): Promise<DeadLetter | undefined> {
+    const row = this.guard(() =>
+      this.db.select().from(deadLetters).where(eq(deadLetters.runId, runId)).get(),
+    );
+    return row && { ...row, reason: row.reason as DeadLetter['reason'] };
+  }
+
+  async dropDeadLetter(runId: string, at: number): Promise<boolean> {
+    const result = this.guard(() =>
+      this.db
+        .update(deadLetters)
+        .set({ droppedAt: at })
+        .where(and(eq(deadLetters.runId, runId), sql`${deadLetters.droppedAt} IS NULL`))
+        .run(),
+    );
+    return result.changes === 1;
+  }
+
+  async requeueDeadLetter(runId: string, entry: QueueEntry): Promise<boolean> {
+    return this.guard(() =>
+      this.sqlite
+        .transaction(() => {
+          const removed = this.db.delete(deadLetters).where(eq(deadLetters.runId, runId)).run();
+          if (removed.changes !== 1) return false;
+          this.db
+            .update(runs)
+            .set({
+              status: 'waiting',
+              cursorAttempts: 0,
+              error: null,
+              endedAt: null,
+              updatedAt: entry.createdAt,
+            })
+            .where(eq(runs.id, runId))
+            .run();
+          this.upsertQueue(entry);
+          return true;
         })
         .immediate(),
     );
@@ -378,6 +502,34 @@ export class SqliteStore implements Store {
     );
   }
 
+  private upsertQueue(q: QueueEntry): void {
+    this.statements.upsertQueue.run(
+      q.runId,
+      q.workflow,
+      q.dueAt,
+      q.priority,
+      q.parks,
+      q.waitingSince,
+      q.reason,
+      q.lastError,
+      q.history,
+      q.createdAt,
+    );
+  }
+
+  private upsertDeadLetter(d: DeadLetter): void {
+    this.statements.upsertDeadLetter.run(
+      d.runId,
+      d.workflow,
+      d.step,
+      d.reason,
+      d.error,
+      d.history,
+      d.createdAt,
+      d.droppedAt,
+    );
+  }
+
   private upsertEffect(e: EffectRecord): void {
     this.statements.upsertEffect.run(
       e.runId,
@@ -416,6 +568,32 @@ function leaseLost(id: string, epoch: number): LeaseError {
     },
   );
 }
+
+type QueueRow = {
+  run_id: string;
+  workflow: string;
+  due_at: number | null;
+  priority: number;
+  parks: number;
+  waiting_since: number | null;
+  reason: QueueEntry['reason'];
+  last_error: string | null;
+  history: string;
+  created_at: number;
+};
+
+const fromQueueRow = (r: QueueRow): QueueEntry => ({
+  runId: r.run_id,
+  workflow: r.workflow,
+  dueAt: r.due_at,
+  priority: r.priority,
+  parks: r.parks,
+  waitingSince: r.waiting_since,
+  reason: r.reason,
+  lastError: r.last_error,
+  history: r.history,
+  createdAt: r.created_at,
+});
 
 type TierRow = {
   tier: string;
@@ -496,9 +674,10 @@ const fromLlmCallRow = (r: LlmCallRow): LlmCallRecord => ({
 function toRow(
   run: RunRecord,
 ): typeof runs.$inferInsert & Omit<typeof runSpecs.$inferInsert, 'runId'> {
-  const { lease, ...rest } = run;
+  const { lease, cancelRequested, ...rest } = run;
   return {
     ...rest,
+    cancelRequested: cancelRequested ? 1 : 0,
     leaseOwner: lease?.owner ?? null,
     leasePid: lease?.pid ?? null,
     leaseHost: lease?.host ?? null,
@@ -507,9 +686,10 @@ function toRow(
 }
 
 function fromRow(row: RunRow): RunRecord {
-  const { leaseOwner, leasePid, leaseHost, leaseExpiresAt, ...rest } = row;
+  const { leaseOwner, leasePid, leaseHost, leaseExpiresAt, cancelRequested, ...rest } = row;
   return {
     ...rest,
+    cancelRequested: cancelRequested === 1,
     status: rest.status as RunStatus,
     lease:
       leaseOwner === null

@@ -130,13 +130,24 @@ export class LlmUnavailableError extends KeelError {
   readonly attempts: Attempt[];
   /** The largest wait a provider asked for during the call, if any. */
   readonly retryAfterMs: number | undefined;
+  /**
+   * When every tier was cooling down (breaker open, quota spent): the earliest time one of them may
+   * be tried again.
+   */
+  readonly availableAt: number | undefined;
 
-  constructor(message: string, attempts: Attempt[], retryAfterMs: number | undefined) {
+  constructor(
+    message: string,
+    attempts: Attempt[],
+    retryAfterMs: number | undefined,
+    availableAt?: number,
+  ) {
     super(ErrorCode.llmUnavailable, message, {
       hint: 'Every tier failed or is cooling down; the step is retried by its retry policy. `keel doctor` checks each tier.',
     });
     this.attempts = attempts;
     this.retryAfterMs = retryAfterMs;
+    this.availableAt = availableAt;
   }
 }
 
@@ -425,6 +436,19 @@ export function createRouter(options: RouterOptions): Router {
     return live;
   }
 
+  /** When every tier is cooling down, the earliest moment one may be tried; else undefined. */
+  const availableAt = (): number | undefined => {
+    const now = clock.now();
+    let earliest = Infinity;
+    for (const tier of tiers) {
+      const s = seen.get(tier.name) ?? initialTierState(tier.name);
+      const until = Math.max(s.downUntil, s.breaker === 'open' ? s.openUntil : 0);
+      if (until <= now) return undefined;
+      earliest = Math.min(earliest, until);
+    }
+    return earliest;
+  };
+
   /** Routes one call; `emit` receives text and restart events when streaming. */
   async function route(
     request: LlmRequest,
@@ -647,6 +671,7 @@ export function createRouter(options: RouterOptions): Router {
       `no LLM tier answered (${why})${last ? `; last: ${last.reason}` : ''}`,
       attempts,
       largestRetryAfter,
+      availableAt(),
     );
   }
 
