@@ -213,7 +213,7 @@ export function formatDeadLetter(d: DeadLetterView): string {
     lines.push(
       `${'  '.repeat(depth + 1)}${error.code ? `[${error.code}] ` : ''}${error.message.split('\n')[0]}`,
     );
-    error = error.cause as SerializedError | undefined;
+    error = error.cause;
   }
   lines.push('', 'history');
   for (const h of d.history as {
