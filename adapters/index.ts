@@ -12,7 +12,15 @@ import { InputError } from '../engine/errors.ts';
 import { createRouter, type Router } from '../engine/llm/router.ts';
 import type { TierStateStore } from '../engine/llm/tier-state.ts';
 import { systemClock, type Clock } from '../engine/time.ts';
-import { buildTiers, loadLlmConfig, routerOptionsFrom, type LlmConfig } from './llm/config.ts';
+import {
+  buildTiers,
+  degradedAllowed,
+  loadLlmConfig,
+  parseLlmConfig,
+  routerOptionsFrom,
+  type LlmConfig,
+} from './llm/config.ts';
+import type { Logger } from '../engine/logger.ts';
 import { crashPointsFromEnv } from './crash-points.ts';
 import { localHost } from './host.ts';
 import { loadFromRecordedModule } from './loader.ts';
@@ -60,6 +68,8 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
   if (busy !== undefined) sqlite.busyTimeoutMs = busy;
   if (migrationsFolder) sqlite.migrationsFolder = migrationsFolder;
   if (integrityCheck !== undefined) sqlite.integrityCheck = integrityCheck;
+  // A bad LLM configuration is the caller's to fix before any run starts, not a step failure.
+  const llmConfig = isRouter(llm) || typeof llm === 'function' ? undefined : checkedLlmConfig(llm);
   const store = openSqliteStore(db ?? process.env.KEEL_DB ?? DEFAULT_DB, sqlite);
   const leaseMs = envMs('KEEL_LEASE_MS');
   const maxStateBytes = envNumber('KEEL_MAX_STATE_BYTES');
@@ -70,7 +80,13 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
     ...(leaseMs !== undefined ? { leaseMs } : {}),
     ...(maxStateBytes !== undefined ? { maxStateBytes } : {}),
     ...engineOptions,
-    llm: () => routerFor(llm, store, engineOptions.clock ?? systemClock),
+    llm: () =>
+      routerFor(
+        isRouter(llm) || typeof llm === 'function' ? llm : llmConfig,
+        store,
+        engineOptions.clock ?? systemClock,
+        engineOptions.logger,
+      ),
     store,
     host: localHost,
   });
@@ -84,12 +100,23 @@ async function routerFor(
   llm: OpenEngineOptions['llm'],
   states: TierStateStore,
   clock: Clock,
+  logger: Logger | undefined,
 ): Promise<Router> {
   if (isRouter(llm)) return llm;
   if (typeof llm === 'function') return llm(states);
-  const config = llm ?? loadLlmConfig({ cwd: process.cwd() });
-  const { tiers } = await buildTiers(config, { env: process.env });
-  return createRouter({ ...routerOptionsFrom(config), tiers, clock, states });
+  const { tiers, notes } = await buildTiers(llm, { env: process.env });
+  for (const note of notes) logger?.info(`llm: ${note}`);
+  return createRouter({ ...routerOptionsFrom(llm), tiers, clock, states });
+}
+
+/** The LLM configuration, validated now: given, else from keel.config.json or KEEL_CONFIG. */
+function checkedLlmConfig(llm: LlmConfig | undefined): LlmConfig | undefined {
+  const config =
+    llm === undefined
+      ? loadLlmConfig({ cwd: process.cwd() })
+      : parseLlmConfig(llm, 'openEngine({ llm })');
+  degradedAllowed(config, process.env);
+  return config;
 }
 
 /** A duration in milliseconds from the environment, refusing nonsense instead of ignoring it. */

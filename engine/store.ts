@@ -205,6 +205,31 @@ export type QueueEntry = {
 /** One park, as the history of a queue entry and a dead letter keeps it. */
 export type ParkRecord = { at: number; step: string; error: string; waitMs: number };
 
+/** A durable wait: `ctx.sleep` or `ctx.waitFor`, by name within a run. */
+export type WaitRecord = {
+  runId: string;
+  name: string;
+  kind: 'sleep' | 'signal';
+  step: string;
+  status: 'waiting' | 'fired' | 'timed_out';
+  /** When a sleep ends or a wait for a signal times out; null when only a signal ends it. */
+  dueAt: number | null;
+  /** The delivered signal's payload, encoded. */
+  payload: string | null;
+  createdAt: number;
+  firedAt: number | null;
+};
+
+export type SignalRecord = {
+  id: number;
+  runId: string;
+  name: string;
+  /** Encoded payload. */
+  payload: string | null;
+  sentAt: number;
+  consumedAt: number | null;
+};
+
 export type DeadLetterReason = 'attempts' | 'wait_limit' | 'not_retryable';
 
 export type DeadLetter = {
@@ -230,6 +255,9 @@ export type Milestone = {
   queue?: QueueEntry | null;
   /** A dead letter for the run, or null to remove its dead letter (it was resumed). */
   deadLetter?: DeadLetter | null;
+  wait?: WaitRecord;
+  /** A signal taken by a wait. */
+  consumeSignal?: { id: number; at: number };
 };
 
 export type RunFilter = {
@@ -265,6 +293,19 @@ export interface Store extends TierStateStore {
   getDeadLetter(runId: string): Promise<DeadLetter | undefined>;
   /** Marks an entry dropped (kept for the record); false when there is none to drop. */
   dropDeadLetter(runId: string, at: number): Promise<boolean>;
+  getWait(runId: string, name: string): Promise<WaitRecord | undefined>;
+  listWaits(runId: string): Promise<WaitRecord[]>;
+  /** The oldest signal of that name the run has not taken yet. */
+  nextSignal(runId: string, name: string): Promise<SignalRecord | undefined>;
+  /**
+   * Keeps a signal for the run; when the run waits in the queue for that name, makes it due at
+   * once. Returns whether a waiting run was woken.
+   */
+  sendSignal(runId: string, name: string, payload: string | null, at: number): Promise<boolean>;
+  /** Asks the run's holder to stop it (1), and to roll it back too (2). */
+  requestCancel(runId: string, mode: 1 | 2): Promise<void>;
+  /** 0 when nobody asked to cancel the run, else the mode asked for. */
+  cancelRequest(runId: string): Promise<0 | 1 | 2>;
   /** Removes a dead letter and queues its run again, due `at` (for `dlq retry`). */
   requeueDeadLetter(runId: string, entry: QueueEntry): Promise<boolean>;
   getRun(id: string): Promise<RunRecord | undefined>;

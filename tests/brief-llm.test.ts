@@ -163,3 +163,36 @@ it('a rejected key echoed back by the provider reaches no output, no log line an
     expect(bytes.includes(Buffer.from(ANTHROPIC_KEY.slice(7, 22)))).toBe(false);
   }
 });
+
+it('a bad LLM configuration stops keel run before any step runs: exit 2, no run recorded', async () => {
+  const s = setup();
+  const config = join(s.dir, 'bad.json');
+  writeFileSync(
+    config,
+    JSON.stringify({ llm: { tiers: [{ provider: 'openai', apiKey: 'abc123' }] } }),
+  );
+  const run = await keel(
+    ['run', join(ROOT, 'workflows/brief.ts'), '--db', s.db, '--input', s.input, '--no-progress'],
+    { env: { ...s.env, KEEL_CONFIG: config }, cwd: s.dir },
+  );
+  expect(run.code).toBe(2);
+  expect(run.stderr).toContain('llm.tiers[0].apiKey');
+  expect(run.stderr).not.toContain('abc123');
+  expect(existsSync(s.db)).toBe(false);
+  const degraded = await keel(
+    ['run', join(ROOT, 'workflows/brief.ts'), '--db', s.db, '--input', s.input, '--no-progress'],
+    { env: { ...s.env, KEEL_DEGRADED: 'maybe' }, cwd: s.dir },
+  );
+  expect(degraded.code).toBe(2);
+  expect(degraded.stderr).toContain('KEEL_DEGRADED must be on or off.');
+});
+
+it('a run says which tiers it uses, which refused their key, and when the offline tier answered', async () => {
+  const s = setup();
+  anthropic.script([{ status: 401, error: { type: 'authentication_error', message: 'bad key' } }]);
+  openai.script(...Array.from({ length: 4 }, () => down));
+  const { run } = await runBrief(s);
+  expect(run.stderr).toContain('llm: anthropic: ANTHROPIC_API_KEY is set');
+  expect(run.stderr).toMatch(/llm tier misconfigured; skipped .*tier=anthropic/);
+  expect(run.stderr).toContain('llm call answered by the offline degraded tier');
+});

@@ -9,6 +9,7 @@ import { anthropicProvider } from '../adapters/llm/anthropic.ts';
 import { openaiProvider } from '../adapters/llm/openai.ts';
 import {
   createRouter,
+  LlmRejectedError,
   LlmUnavailableError,
   type Attempt,
   type RoutedStreamEvent,
@@ -372,20 +373,76 @@ describe('L01 and L02 at the router', () => {
     },
   );
 
-  it('L02: retry-after 7 s, retry-after-ms 1500 and an HTTP date are honoured on the same tier', async () => {
-    const inNine = new Date(Date.now() + 9_000).toUTCString();
+  it('L02: retry-after 7 s and retry-after-ms 1500 are honoured on the same tier', async () => {
     claude.script([
       { status: 429, headers: { 'retry-after': '7' } },
       { status: 429, headers: { 'retry-after-ms': '1500' } },
-      { status: 429, headers: { 'retry-after': inNine } },
       text('ok'),
     ]);
     const res = await router({ budget: 4 }).complete(REQUEST);
     expect(res.tier).toBe('claude');
-    expect(clock.waits.slice(0, 2)).toEqual([7_000, 1_500]);
-    // An HTTP date is a wait until then: about nine seconds, less the time the calls took.
-    expect(clock.waits[2]).toBeGreaterThan(6_000);
-    expect(clock.waits[2]).toBeLessThanOrEqual(9_000);
+    expect(clock.waits).toEqual([7_000, 1_500]);
     expect(gpt.requests).toHaveLength(0);
+  });
+
+  it('L02: a retry-after given as an HTTP date is a wait until then', async () => {
+    const inNine = new Date(Date.now() + 9_000).toUTCString();
+    claude.script([{ status: 429, headers: { 'retry-after': inNine } }, text('ok')]);
+    const res = await router().complete(REQUEST);
+    expect(res.tier).toBe('claude');
+    // About nine seconds, less the time the call took (an HTTP date has whole seconds).
+    expect(clock.waits[0]).toBeGreaterThan(7_000);
+    expect(clock.waits[0]).toBeLessThanOrEqual(9_000);
+  });
+
+  it('a tier that stays rate limited gets two retries, then the next tier has the rest of the budget', async () => {
+    claude.script(
+      Array.from({ length: 5 }, () => ({ status: 429, headers: { 'retry-after': '1' } })),
+    );
+    gpt.script({ text: 'not limited' });
+    const res = await router({ budget: 5 }).complete(REQUEST);
+    expect([res.tier, res.text]).toEqual(['gpt', 'not limited']);
+    expect(brief(res.attempts)).toEqual([
+      ['claude', 'rate_limited', 429, false],
+      ['claude', 'rate_limited', 429, false],
+      ['claude', 'rate_limited', 429, false],
+      ['gpt', null, null, false],
+    ]);
+    expect(clock.waits).toEqual([1_000, 1_000]);
+  });
+});
+
+describe('misconfigured tiers', () => {
+  const refused = { status: 401, error: { type: 'authentication_error', message: 'invalid key' } };
+
+  it('a tier that refused its key is skipped by the next calls of the same router, without a request', async () => {
+    claude.script([refused]);
+    gpt.script({ text: 'one' }, { text: 'two' });
+    const r = router();
+    expect((await r.complete(REQUEST)).tier).toBe('gpt');
+    const second = await r.complete(REQUEST);
+    expect(brief(second.attempts)).toEqual([['gpt', null, null, false]]);
+    expect(claude.requests).toHaveLength(1);
+    expect(r.misconfigured()).toEqual(['claude']);
+    // Another router (another process, perhaps with the right key) tries it again.
+    claude.script([text('fixed')]);
+    expect((await router().complete(REQUEST)).tier).toBe('claude');
+  });
+
+  it('every tier refusing its key is LLM_REJECTED (a retry cannot help), not an outage', async () => {
+    claude.script([refused]);
+    gpt.script({ status: 401, error: { message: 'Incorrect API key', code: 'invalid_api_key' } });
+    const error = await router()
+      .complete(REQUEST)
+      .then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+    expect(error).toBeInstanceOf(LlmRejectedError);
+    expect((error as LlmRejectedError).code).toBe('LLM_REJECTED');
+    expect((error as LlmRejectedError).failureClass).toBe('auth');
+    expect((error as Error).message).toContain(
+      'every tier refused the call as misconfigured (claude, gpt)',
+    );
   });
 });

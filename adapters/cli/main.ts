@@ -54,7 +54,8 @@ class Cli {
     return this.options.json === true;
   }
 
-  open(mustExist: boolean): Engine {
+  /** `usesLlm`: the command may run steps, so its LLM configuration is checked now. */
+  open(mustExist: boolean, usesLlm = true): Engine {
     const db = resolve(this.options.db ?? process.env.KEEL_DB ?? DEFAULT_DB);
     if (mustExist && (!existsSync(db) || statSync(db).size === 0)) {
       throw new InputError(`No keel database at ${db}.`, {
@@ -70,6 +71,7 @@ class Cli {
         before: () => progress.clear(),
       }),
       ...(this.options.synchronous ? { synchronous: this.options.synchronous } : {}),
+      ...(usesLlm ? {} : { llm: () => Promise.reject(new Error('this command calls no LLM')) }),
       onEvent: (event) => progress.onEvent(event),
     });
     this.handleSignals();
@@ -335,7 +337,7 @@ function program(): Command {
     .action(
       async (opts: { status?: RunStatus; workflow?: string; limit?: number }, command: Command) => {
         const c = cli(command);
-        const engine = c.open(true);
+        const engine = c.open(true, false);
         return run(c, async () => {
           const runs = await engine.list({
             ...(opts.status ? { status: opts.status } : {}),
@@ -354,7 +356,7 @@ function program(): Command {
     .argument('<run-id>')
     .action(async (id: string, _opts: object, command: Command) => {
       const c = cli(command);
-      const engine = c.open(true);
+      const engine = c.open(true, false);
       return run(c, async () => {
         const view = await engine.get(id);
         c.print(formatRun(view), view);
@@ -457,7 +459,7 @@ function program(): Command {
     .option('--all', 'include dropped entries')
     .action(async (opts: { all?: boolean }, command: Command) => {
       const c = cli(command);
-      const engine = c.open(true);
+      const engine = c.open(true, false);
       return run(c, async () => {
         const letters = await engine.deadLetters({ includeDropped: opts.all === true });
         c.print(formatDeadLetters(letters), letters);
@@ -470,7 +472,7 @@ function program(): Command {
     .argument('<run-id>')
     .action(async (id: string, _opts: object, command: Command) => {
       const c = cli(command);
-      const engine = c.open(true);
+      const engine = c.open(true, false);
       return run(c, async () => {
         const letter = await engine.deadLetter(id);
         c.print(formatDeadLetter(letter), letter);
@@ -487,7 +489,7 @@ function program(): Command {
       if (!id && !opts.all)
         throw new InputError('Give a run id, or --all.', { hint: 'List them with `keel dlq ls`.' });
       if (id && opts.all) throw new InputError('Give a run id or --all, not both.');
-      const engine = c.open(true);
+      const engine = c.open(true, false);
       return run(c, async () => {
         const ids = id ? [id] : (await engine.deadLetters()).map((d) => d.runId);
         for (const runId of ids) await engine.retryDeadLetter(runId);
@@ -506,7 +508,7 @@ function program(): Command {
     .argument('<run-id>')
     .action(async (id: string, _opts: object, command: Command) => {
       const c = cli(command);
-      const engine = c.open(true);
+      const engine = c.open(true, false);
       return run(c, async () => {
         await engine.dropDeadLetter(id);
         c.print(`dropped ${id} from the dead-letter queue`, { dropped: id });

@@ -417,6 +417,9 @@ export function anthropicProvider(options: AnthropicProviderOptions): AnthropicP
     apiKey: options.apiKey,
     baseURL: options.baseURL,
     maxRetries: 0,
+    // The SDK's own debug log (ANTHROPIC_LOG / OPENAI_LOG) prints error bodies, which may echo the
+    // key: keel reports failures itself, scrubbed.
+    logLevel: 'off',
     ...(options.timeoutMs === undefined ? {} : { timeout: options.timeoutMs }),
   });
   return {

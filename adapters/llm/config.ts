@@ -681,7 +681,10 @@ function baseFromEnv(env: Env, variable: string, fallback: string, example = fal
 }
 
 /** Whether the degraded tier may be used: `KEEL_DEGRADED` (on/off) wins over the configuration. */
-function degradedAllowed(config: LlmConfig | undefined, env: Env): { on: boolean; why: string } {
+export function degradedAllowed(
+  config: LlmConfig | undefined,
+  env: Env,
+): { on: boolean; why: string } {
   const raw = env.KEEL_DEGRADED?.trim().toLowerCase();
   if (raw) {
     if (['off', 'false', '0', 'no'].includes(raw))

@@ -20,6 +20,8 @@ import type {
   Milestone,
   QueueEntry,
   RunFilter,
+  SignalRecord,
+  WaitRecord,
   RunRecord,
   RunStatus,
   RunUpdate,
@@ -99,6 +101,23 @@ export class SqliteStore implements Store {
       heldAt: p('SELECT 1 FROM runs WHERE id = ? AND epoch = ?'),
       deleteQueue: p('DELETE FROM queue WHERE run_id = ?'),
       deleteDeadLetter: p('DELETE FROM dead_letters WHERE run_id = ?'),
+      upsertWait: p(
+        `INSERT OR REPLACE INTO waits (run_id, name, kind, step, status, due_at, payload, created_at,
+           fired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+      ),
+      getWait: p('SELECT * FROM waits WHERE run_id = ? AND name = ?'),
+      listWaits: p('SELECT * FROM waits WHERE run_id = ? ORDER BY created_at, name'),
+      nextSignal: p(
+        'SELECT * FROM signals WHERE run_id = ? AND name = ? AND consumed_at IS NULL ORDER BY id LIMIT 1',
+      ),
+      insertSignal: p('INSERT INTO signals (run_id, name, payload, sent_at) VALUES (?, ?, ?, ?)'),
+      consumeSignal: p('UPDATE signals SET consumed_at = ? WHERE id = ?'),
+      wakeWaiting: p(
+        `UPDATE queue SET due_at = ? WHERE run_id = ? AND reason = 'signal'
+           AND EXISTS (SELECT 1 FROM waits WHERE run_id = ? AND name = ? AND status = 'waiting')`,
+      ),
+      requestCancel: p('UPDATE runs SET cancel_requested = ? WHERE id = ?'),
+      cancelRequest: p('SELECT cancel_requested AS c FROM runs WHERE id = ?'),
       upsertQueue: p(
         `INSERT OR REPLACE INTO queue (run_id, workflow, due_at, priority, parks, waiting_since, reason,
            last_error, history, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -186,6 +205,9 @@ export class SqliteStore implements Store {
         if (milestone.effect) this.upsertEffect(milestone.effect);
         if (milestone.queue === null) this.statements.deleteQueue.run(id);
         else if (milestone.queue) this.upsertQueue(milestone.queue);
+        if (milestone.wait) this.upsertWait(milestone.wait);
+        if (milestone.consumeSignal)
+          this.statements.consumeSignal.run(milestone.consumeSignal.at, milestone.consumeSignal.id);
         if (milestone.deadLetter === null) this.statements.deleteDeadLetter.run(id);
         else if (milestone.deadLetter) this.upsertDeadLetter(milestone.deadLetter);
         if (milestone.run?.lease === null) this.statements.releaseLease.run(id);
@@ -231,6 +253,68 @@ export class SqliteStore implements Store {
         })
         .immediate(),
     );
+  }
+
+  async getWait(runId: string, name: string): Promise<WaitRecord | undefined> {
+    const row = this.guard(() => this.statements.getWait.get(runId, name) as WaitRow | undefined);
+    return row && fromWaitRow(row);
+  }
+
+  async listWaits(runId: string): Promise<WaitRecord[]> {
+    return this.guard(() => this.statements.listWaits.all(runId) as WaitRow[]).map(fromWaitRow);
+  }
+
+  async nextSignal(runId: string, name: string): Promise<SignalRecord | undefined> {
+    const row = this.guard(
+      () =>
+        this.statements.nextSignal.get(runId, name) as
+          | {
+              id: number;
+              run_id: string;
+              name: string;
+              payload: string | null;
+              sent_at: number;
+              consumed_at: number | null;
+            }
+          | undefined,
+    );
+    return (
+      row && {
+        id: row.id,
+        runId: row.run_id,
+        name: row.name,
+        payload: row.payload,
+        sentAt: row.sent_at,
+        consumedAt: row.consumed_at,
+      }
+    );
+  }
+
+  async sendSignal(
+    runId: string,
+    name: string,
+    payload: string | null,
+    at: number,
+  ): Promise<boolean> {
+    return this.guard(() =>
+      this.sqlite
+        .transaction(() => {
+          this.statements.insertSignal.run(runId, name, payload, at);
+          return this.statements.wakeWaiting.run(at, runId, runId, name).changes === 1;
+        })
+        .immediate(),
+    );
+  }
+
+  async requestCancel(runId: string, mode: 1 | 2): Promise<void> {
+    this.guard(() => this.statements.requestCancel.run(mode, runId));
+  }
+
+  async cancelRequest(runId: string): Promise<0 | 1 | 2> {
+    const row = this.guard(
+      () => this.statements.cancelRequest.get(runId) as { c: number } | undefined,
+    );
+    return (row?.c ?? 0) as 0 | 1 | 2;
   }
 
   async dueRuns(now: number, limit: number): Promise<QueueEntry[]> {
@@ -502,6 +586,20 @@ export class SqliteStore implements Store {
     );
   }
 
+  private upsertWait(w: WaitRecord): void {
+    this.statements.upsertWait.run(
+      w.runId,
+      w.name,
+      w.kind,
+      w.step,
+      w.status,
+      w.dueAt,
+      w.payload,
+      w.createdAt,
+      w.firedAt,
+    );
+  }
+
   private upsertQueue(q: QueueEntry): void {
     this.statements.upsertQueue.run(
       q.runId,
@@ -568,6 +666,30 @@ function leaseLost(id: string, epoch: number): LeaseError {
     },
   );
 }
+
+type WaitRow = {
+  run_id: string;
+  name: string;
+  kind: WaitRecord['kind'];
+  step: string;
+  status: WaitRecord['status'];
+  due_at: number | null;
+  payload: string | null;
+  created_at: number;
+  fired_at: number | null;
+};
+
+const fromWaitRow = (r: WaitRow): WaitRecord => ({
+  runId: r.run_id,
+  name: r.name,
+  kind: r.kind,
+  step: r.step,
+  status: r.status,
+  dueAt: r.due_at,
+  payload: r.payload,
+  createdAt: r.created_at,
+  firedAt: r.fired_at,
+});
 
 type QueueRow = {
   run_id: string;

@@ -23,6 +23,9 @@ export type LlmCall = {
   stream(request: LlmRequest): AsyncIterable<LlmStreamEvent>;
 };
 
+/** Tiers already reported as misconfigured by this process: once is enough. */
+const warnedTiers = new Set<string>();
+
 /** Where the engine finds its router; built on first use. */
 export type LlmSource = Router | (() => Router | Promise<Router>);
 
@@ -171,7 +174,30 @@ export function journaledLlm(scope: JournalScope): LlmCall {
       tier: response.tier,
       replayed: false,
     });
+    warnAbout(attempts, response, position);
     return response;
+  };
+
+  /** Says what a user running unattended must know: refused keys, and answers not generated. */
+  const warnAbout = (attempts: Attempt[], response?: LlmResponse, position?: number) => {
+    for (const a of attempts) {
+      if ((a.class === 'auth' || a.class === 'not_found') && !warnedTiers.has(a.tier)) {
+        warnedTiers.add(a.tier);
+        deps.logger.warn('llm tier misconfigured; skipped', {
+          runId: held.id,
+          step,
+          tier: a.tier,
+          reason: a.reason ?? a.class,
+        });
+      }
+    }
+    if (response?.degraded) {
+      deps.logger.warn('llm call answered by the offline degraded tier (no model answered)', {
+        runId: held.id,
+        step,
+        position,
+      });
+    }
   };
 
   const recordFailure = async (
@@ -185,6 +211,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
     const router = await scope.router();
     const own = (error as { attempts?: unknown }).attempts;
     const attempts = [...priorAttempts(prior), ...(Array.isArray(own) ? (own as Attempt[]) : [])];
+    warnAbout(Array.isArray(own) ? (own as Attempt[]) : []);
     try {
       await deps.store.recordLlmCall(held.epoch, {
         ...base(position, hash, streamed, prior),

@@ -7,6 +7,7 @@
 import { ErrorCode, KeelError } from '../errors.ts';
 import { backoffMs as jitterBackoff, type Clock } from '../time.ts';
 import { classifyFailure } from './classify.ts';
+import { DEGRADED_PROVIDER } from './degraded.ts';
 import {
   initialTierState,
   memoryTierStates,
@@ -91,12 +92,24 @@ export type RouterOptions = {
   maxBackoffMs?: number;
   breaker?: { failureThreshold?: number; cooldownMs?: number };
   quotaCooldownMs?: number;
+  /**
+   * How many times one call retries a tier that answers "rate limited" or "overloaded" before it
+   * moves on to the next tier (default 2).
+   */
+  sameTierRetries?: number;
+  /** How long this router skips a tier that refused its key or lacks the model (10 minutes). */
+  misconfiguredSkipMs?: number;
   timeouts?: RouterTimeouts;
   /**
    * Start the same request on the next available tier when no first token has arrived after this
    * long; the first to answer wins and the other is cancelled. Off when absent.
    */
   hedgeAfterMs?: number;
+  /**
+   * Send plain calls as streams where the provider supports it (default true), so that the
+   * silence timeouts apply to them; false sends them as plain requests, limited by `totalMs` only.
+   */
+  streamPlainCalls?: boolean;
   /** Where breakers and cooldowns are kept; in memory when absent. */
   states?: TierStateStore;
   /** Timers for the timeouts and the hedge delay (wall time, even under a fake clock). */
@@ -162,7 +175,9 @@ export class LlmRejectedError extends KeelError {
       hint:
         failureClass === 'context_length'
           ? 'Shorten the prompt, or configure a tier with a larger contextWindow.'
-          : 'The request is wrong for the provider; fix it (retrying will not help).',
+          : failureClass === 'auth' || failureClass === 'not_found'
+            ? 'Every tier refused its key or does not have the model: check the keys and models (`keel doctor`).'
+            : 'The request is wrong for the provider; fix it (retrying will not help).',
     });
     this.attempts = attempts;
     this.failureClass = failureClass;
@@ -176,6 +191,10 @@ const BREAKER_CLASSES: ReadonlySet<FailureClass> = new Set<FailureClass>([
   'overloaded',
   'truncated',
 ]);
+
+/** The offline tier, marked as such or recognised by its provider. */
+const isDegraded = (tier: RouterTier): boolean =>
+  tier.degraded === true || tier.provider.name === DEGRADED_PROVIDER;
 
 const DEFAULT_FIRST_TOKEN_MS = 120_000;
 const DEFAULT_IDLE_MS = 60_000;
@@ -238,6 +257,8 @@ export function createRouter(options: RouterOptions): Router {
     maxBackoffMs = 10_000,
     quotaCooldownMs = 3_600_000,
     hedgeAfterMs,
+    sameTierRetries = 2,
+    misconfiguredSkipMs = 600_000,
     states = memoryTierStates(),
     timer = realTimer,
   } = options;
@@ -263,9 +284,17 @@ export function createRouter(options: RouterOptions): Router {
     return state;
   };
 
+  /**
+   * Tiers that refused their key or lack the model, skipped by this router until then: a key is
+   * fixed by restarting with another, so asking again on every call would only add a round trip.
+   * Not shared through the tier state, so that a process started with the right key is not misled.
+   */
+  const refusedUntil = new Map<string, number>();
+
   /** Whether a tier may take a request now (an expired open breaker admits one probe). */
   const available = async (tier: RouterTier): Promise<boolean> => {
     const now = clock.now();
+    if ((refusedUntil.get(tier.name) ?? 0) > now) return false;
     const s = await read(tier);
     if (s.downUntil > now) return false;
     if (s.breaker === 'open' && now < s.openUntil) return false;
@@ -326,7 +355,7 @@ export function createRouter(options: RouterOptions): Router {
       }
       if (cls === 'quota') next.downUntil = now + quotaCooldownMs;
       // The offline tier refusing a request it cannot serve (JSON, tools) is not a misconfiguration.
-      if ((cls === 'auth' || cls === 'not_found') && tier.degraded !== true) {
+      if ((cls === 'auth' || cls === 'not_found') && !isDegraded(tier)) {
         next.misconfigured = classified.reason;
       }
       return next;
@@ -455,7 +484,9 @@ export function createRouter(options: RouterOptions): Router {
     signal: AbortSignal | undefined,
     emit: ((event: Exclude<LlmStreamEvent, { type: 'done' }>) => void) | undefined,
   ): Promise<RoutedResponse> {
-    const streaming = emit !== undefined;
+    // Plain calls stream too, where the provider can: then the connect, first-token and idle
+    // timeouts guard them as well, instead of a body that gives no sign of life until complete.
+    const streaming = emit !== undefined || options.streamPlainCalls !== false;
     const token = `${clock.now()}:${random().toString(36).slice(2)}`;
     const attempts: Attempt[] = [];
     /** Tiers this call will not use again. */
@@ -467,6 +498,9 @@ export function createRouter(options: RouterOptions): Router {
     let last: Classified | undefined;
     /** Set after text was delivered and the attempt failed: the next answer starts over. */
     let restartReason: string | undefined;
+    /** The tier last found rate limited or overloaded, and how many times in a row. */
+    let busyTier: string | undefined;
+    let busyRetries = 0;
 
     const pick = async (skip?: string): Promise<RouterTier | undefined> => {
       for (let k = 0; k < tiers.length; k++) {
@@ -519,7 +553,13 @@ export function createRouter(options: RouterOptions): Router {
           const wait =
             classified.retryAfterMs ??
             jitterBackoff(attempts.length, backoffMs, maxBackoffMs, random);
-          if (wait <= (tier.maxRetryAfterMs ?? maxRetryAfterMs)) {
+          busyRetries = busyTier === tier.name ? busyRetries + 1 : 1;
+          busyTier = tier.name;
+          if (busyRetries > sameTierRetries) {
+            // Still busy after its retries: let the other tiers have the rest of the budget.
+            excluded.add(tier.name);
+            next();
+          } else if (wait <= (tier.maxRetryAfterMs ?? maxRetryAfterMs)) {
             pendingWait = wait;
             cursor = index;
           } else {
@@ -535,9 +575,13 @@ export function createRouter(options: RouterOptions): Router {
           pendingWait = jitterBackoff(attempts.length, backoffMs, maxBackoffMs, random);
           next();
           break;
-        case 'quota':
         case 'auth':
         case 'not_found':
+          if (!isDegraded(tier)) refusedUntil.set(tier.name, clock.now() + misconfiguredSkipMs);
+          excluded.add(tier.name);
+          next();
+          break;
+        case 'quota':
           excluded.add(tier.name);
           next();
           break;
@@ -657,7 +701,7 @@ export function createRouter(options: RouterOptions): Router {
         return {
           ...response,
           tier: winner.tier.name,
-          degraded: response.degraded || winner.tier.degraded === true,
+          degraded: response.degraded || isDegraded(winner.tier),
           attempts,
         };
       } catch (err) {
@@ -666,6 +710,17 @@ export function createRouter(options: RouterOptions): Router {
       }
     }
 
+    const now = clock.now();
+    const refused = tiers.filter((t) => (refusedUntil.get(t.name) ?? 0) > now);
+    const real = tiers.filter((t) => !isDegraded(t));
+    const degradedTried = tiers.every((t) => !isDegraded(t) || excluded.has(t.name));
+    if (refused.length > 0 && refused.length === real.length && degradedTried) {
+      throw new LlmRejectedError(
+        `every tier refused the call as misconfigured (${refused.map((t) => t.name).join(', ')})${last ? `; last: ${last.reason}` : ''}`,
+        attempts,
+        'auth',
+      );
+    }
     const why = launched >= budget ? `budget of ${budget} attempts spent` : 'no tier is available';
     throw new LlmUnavailableError(
       `no LLM tier answered (${why})${last ? `; last: ${last.reason}` : ''}`,
