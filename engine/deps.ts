@@ -53,6 +53,7 @@ export type RunEvent =
       replayed: boolean;
     }
   | { type: 'run-parked'; runId: string; step: string; dueAt: number; waitMs: number }
+  | { type: 'run-waiting'; runId: string; step: string; wait: string; dueAt: number | null }
   | { type: 'run-ended'; runId: string; status: string };
 
 export type EngineDeps = {

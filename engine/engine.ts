@@ -11,6 +11,7 @@ import {
   ErrorCode,
   InputError,
   KeelError,
+  CancelledError,
   LeaseError,
   isLeaseError,
   serializeError,
@@ -386,6 +387,10 @@ export class Engine {
     if (options.module !== undefined && options.module !== run.module)
       update.module = options.module;
     const held = await this.claim(run, wf);
+    if (held.run.cancelRequested) {
+      const mode = await this.deps.store.cancelRequest(runId);
+      return this.finishCancel(held, mode === 2, await this.loadState(held.run));
+    }
     const milestone: Milestone = { run: update };
     if (run.status === RunStatus.failed) {
       Object.assign(update, {
@@ -481,6 +486,99 @@ export class Engine {
     });
   }
 
+  /**
+   * Sends the signal `name` to a run, with an optional payload. A run waiting for it
+   * (`ctx.waitFor`) becomes due at once; a run not there yet takes it when it gets there.
+   */
+  async signal(runId: string, name: string, payload?: unknown): Promise<{ woke: boolean }> {
+    const run = await this.mustGet(runId);
+    if (typeof name !== 'string' || name === '') {
+      throw new InputError(`A signal needs a non-empty name, got ${describe(name)}.`, {
+        hint: 'Use the name the workflow waits for, e.g. `keel signal RUN_ID approval`.',
+      });
+    }
+    if (ENDED.has(run.status)) {
+      throw new KeelError(
+        ErrorCode.notResumable,
+        `Run ${runId} is ${run.status}: no wait of it will take the signal "${name}".`,
+        { runId, hint: 'Signal a run that is running, queued or waiting (`keel ls`).' },
+      );
+    }
+    const encoded = payload === undefined ? null : encode(payload);
+    const woke = await this.deps.store.sendSignal(runId, name, encoded, this.deps.clock.now());
+    return { woke };
+  }
+
+  /**
+   * Cancels a run: a waiting or queued one at once, a running one at its next milestone (its
+   * AbortSignal fires; a wait ends at once). With `rollback`, its compensations run first, and are
+   * not themselves cancelled. The run ends `cancelled` (or `compensation_failed` if a compensation
+   * keeps failing). Resolves with the run as it stands then.
+   */
+  async cancel(
+    runId: string,
+    options: { rollback?: boolean; waitMs?: number } = {},
+  ): Promise<RunResult> {
+    const rollback = options.rollback === true;
+    const run = await this.mustGet(runId);
+    if (ENDED.has(run.status) && run.status !== RunStatus.failed) {
+      return this.result(run, await this.loadState(run));
+    }
+    const mine = [...this.held].find((h) => h.id === runId);
+    if (mine) {
+      mine.abort(new CancelledError(runId, rollback));
+    } else if (this.leaseIsLive(run)) {
+      await this.deps.store.requestCancel(runId, rollback ? 2 : 1);
+    } else {
+      const wf = await this.definitionFor(run, {});
+      const held = await this.claim(run, wf);
+      return this.finishCancel(held, rollback, await this.loadState(held.run));
+    }
+    // The holder stops it at its next milestone, or its lease lapses and it is cancelled here.
+    const deadline = this.deps.clock.now() + (options.waitMs ?? 3 * this.deps.leaseMs);
+    for (;;) {
+      const now = await this.mustGet(runId);
+      if (now.status !== RunStatus.running && now.status !== RunStatus.compensating)
+        return this.result(now, await this.loadState(now));
+      if (!this.leaseIsLive(now) && !this.held.has(mine!)) return this.cancel(runId, options);
+      if (this.deps.clock.now() >= deadline) return this.result(now, await this.loadState(now));
+      await this.deps.clock.sleep(50);
+    }
+  }
+
+  /** Ends a held run as cancelled, after its compensations when asked (those are not cancelled). */
+  private async finishCancel(held: HeldRun, rollback: boolean, state: object): Promise<RunResult> {
+    const now = this.deps.clock.now();
+    // A fresh hold on the same lease: the cancelled one's signal is aborted, the rollback's is not.
+    const holder = new HeldRun(this.deps, held.run, held.workflow, held.epoch);
+    let report: RollbackReport | undefined;
+    if (rollback) {
+      this.held.add(holder);
+      holder.startHeartbeat();
+      try {
+        report = await rollbackHeld(this.deps, holder, state);
+      } finally {
+        holder.stopHeartbeat();
+        this.held.delete(holder);
+      }
+    }
+    if (!rollback || holder.run.status === RunStatus.rolledBack) {
+      await holder.commit(
+        {
+          run: { status: RunStatus.cancelled, endedAt: now, cursor: null, lease: null },
+          queue: null,
+          deadLetter: null,
+        },
+        'cancel',
+      );
+    } else if (holder.run.lease) {
+      await holder.release().catch(() => undefined);
+    }
+    this.deps.emit({ type: 'run-ended', runId: holder.id, status: holder.run.status });
+    const result = this.result(holder.run, state);
+    return report ? { ...result, rollback: report } : result;
+  }
+
   /** The dead-letter queue: runs that could not finish, newest first. */
   async deadLetters(options: { includeDropped?: boolean } = {}): Promise<DeadLetterView[]> {
     return (await this.deps.store.listDeadLetters(options)).map(viewDeadLetter);
@@ -560,6 +658,12 @@ export class Engine {
     try {
       await execute(execution);
     } catch (error) {
+      const reason: unknown = held.signal.reason;
+      if (held.signal.aborted && reason instanceof CancelledError) {
+        held.stopHeartbeat();
+        this.held.delete(held);
+        return this.finishCancel(held, reason.rollback, tracker.base);
+      }
       if (!(await this.requeueStopped(held))) throw error;
     } finally {
       held.stopHeartbeat();
@@ -647,6 +751,7 @@ export class Engine {
     let lastScan = -Infinity;
     while (!signal?.aborted) {
       const now = clock.now();
+      const before = active.size;
       if (active.size < concurrency) {
         const due = await store.dueRuns(now, concurrency + active.size);
         for (const entry of due) {
@@ -667,25 +772,29 @@ export class Engine {
         }
       }
       const stats = await store.queueStats();
-      if (options.untilIdle && active.size === 0) {
-        const timed = stats.nextDueAt !== null;
-        if (!timed) break;
-      }
+      if (options.untilIdle && active.size === 0 && stats.nextDueAt === null) break;
+      // Launched something: look again at once (more may be due). Otherwise sleep until the next
+      // due time, a finished run, or the poll interval; a due time already past belongs to a run
+      // in hand here or elsewhere, so it is no reason to look again at once.
       const untilDue = stats.nextDueAt === null ? pollMs : stats.nextDueAt - clock.now();
-      const napMs = Math.max(0, Math.min(pollMs, untilDue));
-      if (active.size >= concurrency || napMs > 0) {
-        const nap = new AbortController();
-        const stop = () => nap.abort();
-        signal?.addEventListener('abort', stop, { once: true });
-        wake = stop;
-        try {
-          await clock.sleep(active.size >= concurrency ? pollMs : napMs || pollMs, nap.signal);
-        } catch {
-          // woken: a run finished, or the worker is stopping
-        } finally {
-          wake = undefined;
-          signal?.removeEventListener('abort', stop);
-        }
+      const napMs =
+        active.size > before && active.size < concurrency
+          ? 0
+          : untilDue > 0
+            ? Math.min(pollMs, untilDue)
+            : pollMs;
+      const nap = new AbortController();
+      const stop = () => nap.abort();
+      signal?.addEventListener('abort', stop, { once: true });
+      wake = stop;
+      try {
+        // Even a nap of 0 goes through the timers, so that I/O and signals get their turn.
+        await clock.sleep(napMs, nap.signal);
+      } catch {
+        // woken: a run finished, or the worker is stopping
+      } finally {
+        wake = undefined;
+        signal?.removeEventListener('abort', stop);
       }
     }
     await this.drain(active, options.graceMs ?? 10_000);
@@ -829,6 +938,15 @@ const noDeadLetter = (runId: string) =>
     code: ErrorCode.notFound,
     hint: 'List dead letters with `keel dlq ls`.',
   });
+
+/** Statuses of a run that has ended (a failed run may still be resumed or cancelled). */
+const ENDED: ReadonlySet<RunStatus> = new Set<RunStatus>([
+  RunStatus.completed,
+  RunStatus.failed,
+  RunStatus.rolledBack,
+  RunStatus.compensationFailed,
+  RunStatus.cancelled,
+]);
 
 /** Statuses `resume` carries on from (`compensating` continues its rollback instead). */
 const RESUMABLE: ReadonlySet<RunStatus> = new Set<RunStatus>([

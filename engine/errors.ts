@@ -26,6 +26,7 @@ export const ErrorCode = {
   llmUnavailable: 'LLM_UNAVAILABLE',
   llmRejected: 'LLM_REJECTED',
   llmJournalMismatch: 'LLM_JOURNAL_MISMATCH',
+  waitTimeout: 'WAIT_TIMEOUT',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -98,6 +99,37 @@ export class TerminalError extends KeelError {
   override name = 'TerminalError';
   constructor(message: string, options?: KeelErrorOptions) {
     super(ErrorCode.terminal, message, options);
+  }
+}
+
+/**
+ * `ctx.waitFor` reached its timeout before the signal came. The workflow may catch it; once timed
+ * out, the wait stays timed out, whatever arrives later.
+ */
+export class WaitTimeoutError extends KeelError {
+  override name = 'WaitTimeoutError';
+  readonly wait: string;
+  constructor(runId: string, step: string, wait: string, timeoutMs: number) {
+    super(
+      ErrorCode.waitTimeout,
+      `Step "${step}" of run ${runId} waited ${timeoutMs} ms for signal "${wait}", which did not come.`,
+      {
+        runId,
+        step,
+        hint: `Catch it in the step to go on without the signal, or send it with \`keel signal ${runId} ${wait}\` before the timeout.`,
+      },
+    );
+    this.wait = wait;
+  }
+}
+
+/** Why a cancelled run stopped: `engine.cancel` (or `keel cancel`), with or without a rollback. */
+export class CancelledError extends KeelError {
+  override name = 'CancelledError';
+  readonly rollback: boolean;
+  constructor(runId: string, rollback: boolean) {
+    super(ErrorCode.cancelled, `Run ${runId} was cancelled.`, { runId });
+    this.rollback = rollback;
   }
 }
 

@@ -5,7 +5,7 @@
  * claimed the run, and then the run's AbortSignal fires so that the step can stop early.
  */
 import type { EngineDeps, AnyWorkflow } from './deps.ts';
-import { LeaseError, isLeaseError } from './errors.ts';
+import { CancelledError, LeaseError, isLeaseError } from './errors.ts';
 import type { Milestone, QueueEntry, RunRecord } from './store.ts';
 import type { InlineCompensation } from './workflow.ts';
 
@@ -40,11 +40,27 @@ export class HeldRun {
     const every = Math.max(50, Math.floor(this.deps.leaseMs / 3));
     this.heartbeat = setInterval(() => void this.renew(), every);
     this.heartbeat.unref();
+    // `cancel` from another process is a flag on the run: look for it every second or so.
+    this.cancelPoll = setInterval(() => void this.checkCancel(), Math.min(1_000, every));
+    this.cancelPoll.unref();
   }
 
   stopHeartbeat(): void {
     clearInterval(this.heartbeat);
+    clearInterval(this.cancelPoll);
     this.heartbeat = undefined;
+    this.cancelPoll = undefined;
+  }
+
+  private cancelPoll: ReturnType<typeof setInterval> | undefined;
+
+  private async checkCancel(): Promise<void> {
+    try {
+      const mode = await this.deps.store.cancelRequest(this.run.id);
+      if (mode !== 0) this.abort(new CancelledError(this.run.id, mode === 2));
+    } catch {
+      // the heartbeat reports a database that cannot be read
+    }
   }
 
   /** Aborts work in progress, e.g. on shutdown. */

@@ -20,6 +20,7 @@ import {
   isTerminalError,
   serializeError,
   StateError,
+  WaitTimeoutError,
 } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { journaledLlm } from './llm/journal.ts';
@@ -30,11 +31,14 @@ import {
   type DeadLetterReason,
   type EffectRecord,
   type Milestone,
+  type QueueEntry,
   type RunUpdate,
   type StepRecord,
+  type WaitRecord,
 } from './store.ts';
-import { curableWait, deadLetter, isCurable, maxWaitMs, parkEntry } from './queue.ts';
-import { backoffMs } from './time.ts';
+import { decode } from './codec.ts';
+import { curableWait, deadLetter, isCurable, maxWaitMs, parkEntry, queueEntry } from './queue.ts';
+import { backoffMs, toMs, type Duration } from './time.ts';
 import {
   END,
   type EffectNode,
@@ -97,7 +101,20 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
     const draft = tracker.begin();
     try {
       held.signal.throwIfAborted();
-      await node.run(draft, stepContext(ex, node.name, index, attempt, draft));
+      const ctx = stepContext(ex, node.name, index, attempt, draft);
+      // A durable wait leaves the step without an exception the step's code could catch: the
+      // step's promise is abandoned, and the run waits.
+      const suspended = await Promise.race([
+        (async () => {
+          await node.run(draft, ctx);
+        })().then(() => undefined),
+        suspensions.get(ctx)!,
+      ]);
+      if (suspended) {
+        tracker.restart(false);
+        await suspend(ex, node.name, suspended);
+        return;
+      }
       if (tracker.poisoned) throw tracker.poisoned;
       const { patches, next } = tracker.finish();
       const target = decide(ex, node.name, next);
@@ -204,6 +221,40 @@ async function park(
   });
 }
 
+/**
+ * What `ctx.sleep` and `ctx.waitFor` hand the runner to leave the step: the run waits in the queue,
+ * holding no lease, and the step runs again from its start when the wait is over (and then passes
+ * it at once).
+ */
+type Suspended = { wait: WaitRecord; entry: QueueEntry };
+
+/** Each step context's suspension, resolved when one of its waits leaves the step. */
+const suspensions = new WeakMap<object, Promise<Suspended>>();
+
+/** A promise that never settles: the abandoned step's code stays parked on it until collected. */
+const never = <T>(): Promise<T> => new Promise<T>(() => {});
+
+async function suspend(ex: Execution, step: string, s: Suspended) {
+  const { deps, held } = ex;
+  held.queued = s.entry;
+  await held.commit(
+    { run: { status: RunStatus.waiting, lease: null }, queue: s.entry, wait: s.wait },
+    'wait',
+  );
+  deps.emit({ type: 'run-waiting', runId: held.id, step, wait: s.wait.name, dueAt: s.wait.dueAt });
+}
+
+function checkWaitName(name: unknown, what: string, runId: string, step: string): string {
+  if (typeof name !== 'string' || name === '') {
+    throw new DefinitionError(`${what} needs a non-empty name, got ${JSON.stringify(name)}.`, {
+      runId,
+      step,
+      hint: 'Name each wait, uniquely within the run: e.g. ctx.sleep("cool-down", "20m").',
+    });
+  }
+  return name;
+}
+
 /** The queue entry's removal, when the run had one: it made progress, so it no longer waits. */
 function dequeue(ex: Execution): Pick<Milestone, 'queue'> {
   if (!ex.held.queued) return {};
@@ -283,9 +334,20 @@ function stepContext(
 ): StepContext {
   const { deps, held, tracker } = ex;
   let writes = Promise.resolve();
-  // Milestones from one step are written one at a time, in the order they were asked for.
+  let leave!: (s: Suspended) => void;
+  let left = false;
+  const suspension = new Promise<Suspended>((resolve) => (leave = resolve));
+  /** Leaves the step for a wait; its code never gets past the await that asked. */
+  const suspendStep = <T>(wait: WaitRecord, entry: QueueEntry): Promise<T> => {
+    left = true;
+    leave({ wait, entry });
+    return never<T>();
+  };
+  // Milestones from one step are written one at a time, in the order they were asked for; once the
+  // step has left for a wait, nothing more of it is written.
   const serial = <T>(work: () => Promise<T>): Promise<T> => {
-    const result = writes.then(work);
+    if (left) return never<T>();
+    const result = writes.then(() => (left ? never<T>() : work()));
     writes = result.then(
       () => undefined,
       () => undefined,
@@ -311,7 +373,7 @@ function stepContext(
     }
     tracker.adopt(next, true);
   };
-  return {
+  const ctx: StepContext = {
     runId: held.id,
     step,
     attempt,
@@ -329,6 +391,84 @@ function stepContext(
       return llm;
     },
     checkpoint: () => serial(() => commitDraft({}, 'checkpoint')),
+    sleep: (name: string, duration: Duration) =>
+      serial(async () => {
+        checkWaitName(name, 'ctx.sleep', held.id, step);
+        const ms = toMs(duration, `duration of ctx.sleep("${name}")`);
+        const now = deps.clock.now();
+        const known = await deps.store.getWait(held.id, name);
+        if (known && known.kind !== 'sleep') throw waitKindClash(held.id, step, name);
+        if (known?.status === 'fired') return;
+        const wait: WaitRecord = known ?? {
+          runId: held.id,
+          name,
+          kind: 'sleep',
+          step,
+          status: 'waiting',
+          dueAt: now + ms,
+          payload: null,
+          createdAt: now,
+          firedAt: null,
+        };
+        const remaining = wait.dueAt! - now;
+        if (remaining > 0) {
+          if (remaining >= deps.park.parkAfterMs) {
+            return suspendStep<void>(
+              wait,
+              queueEntry(held, now, { reason: 'sleep', dueAt: wait.dueAt }),
+            );
+          }
+          // Short: wait here, with the due time recorded so that a crash does not re-arm it.
+          if (!known) await held.commit({ wait }, 'wait');
+          await deps.clock.sleep(remaining, held.signal);
+        }
+        await held.commit(
+          { wait: { ...wait, status: 'fired', firedAt: deps.clock.now() } },
+          'wait',
+        );
+      }),
+    waitFor: <T = unknown>(name: string, options: { timeout?: Duration } = {}) =>
+      serial(async (): Promise<T> => {
+        checkWaitName(name, 'ctx.waitFor', held.id, step);
+        const timeoutMs =
+          options.timeout === undefined
+            ? undefined
+            : toMs(options.timeout, `timeout of ctx.waitFor("${name}")`);
+        const now = deps.clock.now();
+        const known = await deps.store.getWait(held.id, name);
+        if (known && known.kind !== 'signal') throw waitKindClash(held.id, step, name);
+        if (known?.status === 'fired') return decodePayload<T>(known.payload);
+        const wait: WaitRecord = known ?? {
+          runId: held.id,
+          name,
+          kind: 'signal',
+          step,
+          status: 'waiting',
+          dueAt: timeoutMs === undefined ? null : now + timeoutMs,
+          payload: null,
+          createdAt: now,
+          firedAt: null,
+        };
+        const timedOut = () =>
+          new WaitTimeoutError(held.id, step, name, (wait.dueAt ?? now) - wait.createdAt);
+        if (wait.status === 'timed_out') throw timedOut();
+        const signal = await deps.store.nextSignal(held.id, name);
+        if (signal) {
+          await held.commit(
+            {
+              wait: { ...wait, status: 'fired', payload: signal.payload, firedAt: now },
+              consumeSignal: { id: signal.id, at: now },
+            },
+            'wait',
+          );
+          return decodePayload<T>(signal.payload);
+        }
+        if (wait.dueAt !== null && wait.dueAt <= now) {
+          await held.commit({ wait: { ...wait, status: 'timed_out', firedAt: now } }, 'wait');
+          throw timedOut();
+        }
+        return suspendStep<T>(wait, queueEntry(held, now, { reason: 'signal', dueAt: wait.dueAt }));
+      }),
     effect: <R>(name: string, effect: InlineEffect<unknown, R>) =>
       serial(async () => {
         const key = checkKey(
@@ -354,7 +494,19 @@ function stepContext(
         return outcome.result as R;
       }),
   };
+  suspensions.set(ctx, suspension);
+  return ctx;
 }
+
+function waitKindClash(runId: string, step: string, name: string): DefinitionError {
+  return new DefinitionError(
+    `The wait name "${name}" is used both by ctx.sleep and by ctx.waitFor in run ${runId}.`,
+    { runId, step, hint: 'Give every wait of a run its own name.' },
+  );
+}
+
+const decodePayload = <T>(payload: string | null): T =>
+  (payload === null ? undefined : decode(payload)) as T;
 
 /** Where the run goes after `from`, checked against the graph. */
 function decide(ex: Execution, from: string, state: unknown): string {
@@ -449,6 +601,7 @@ export function isRetryable(error: unknown): boolean {
     isEffectOutcomeUnknownError(error) ||
     isTerminalError(error) ||
     hasCode(error, ErrorCode.llmRejected) ||
+    hasCode(error, ErrorCode.waitTimeout) ||
     hasCode(error, ErrorCode.llmJournalMismatch)
   );
 }

@@ -119,6 +119,20 @@ export interface StepContext<S = unknown> {
    * state.answer = res.text;
    */
   readonly llm: LlmCall;
+  /**
+   * A durable sleep: the run waits (in the queue, holding nothing, when the sleep is long) and the
+   * step runs again from its start when it is over, passing the sleep at once. It survives any
+   * number of restarts and, once over, is never re-armed. Names are unique within a run.
+   * @example await ctx.sleep('cool-down', '20m');
+   */
+  sleep(name: string, duration: Duration): Promise<void>;
+  /**
+   * Waits for the signal `name` (`keel signal RUN NAME --payload JSON`, `engine.signal`) and
+   * returns its payload. A signal sent before the run got here is kept and taken at once. With a
+   * `timeout`, throws `WaitTimeoutError` (code `WAIT_TIMEOUT`) when it passes; catch it to go on.
+   * @example const { approved } = await ctx.waitFor<{ approved: boolean }>('approval', { timeout: '2d' });
+   */
+  waitFor<T = unknown>(name: string, options?: { timeout?: Duration }): Promise<T>;
 }
 
 export type StepFn<S> = (state: Draft<S>, ctx: StepContext<S>) => Promise<void> | void;

@@ -184,7 +184,7 @@ describe('bad input on the command line', () => {
     expect(result.stdout).toBe('');
     expect(result.stderr).toContain("option '--status <status>' argument 'done' is invalid.");
     expect(result.stderr).toContain(
-      'Allowed choices are running, waiting, completed, failed, compensating, rolled_back, compensation_failed.',
+      'Allowed choices are running, waiting, completed, failed, compensating, rolled_back, compensation_failed, queued, cancelled.',
     );
   });
 

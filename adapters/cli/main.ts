@@ -206,6 +206,18 @@ function positiveInteger(flag: string) {
   };
 }
 
+/** A signal payload: any JSON value (or @file.json). */
+function parsePayload(text: string): unknown {
+  const source = text.startsWith('@') ? readFileSync(text.slice(1), 'utf8') : text;
+  try {
+    return JSON.parse(source) as unknown;
+  } catch {
+    throw new InputError(`--payload is not JSON: ${text.slice(0, 80)}`, {
+      hint: 'Quote it for the shell, e.g. --payload \'{"approved":true}\', or give @file.json.',
+    });
+  }
+}
+
 function integer(flag: string) {
   return (value: string): number => {
     const n = Number(value);
@@ -451,6 +463,43 @@ function program(): Command {
         });
       },
     );
+
+  root
+    .command('signal')
+    .description('send a signal to a run; a ctx.waitFor of that name takes it')
+    .argument('<run-id>')
+    .argument('<name>', 'the name the workflow waits for')
+    .option('--payload <json>', 'the payload as JSON, or @file.json')
+    .action(async (id: string, name: string, opts: { payload?: string }, command: Command) => {
+      const c = cli(command);
+      const payload: unknown = opts.payload === undefined ? undefined : parsePayload(opts.payload);
+      const engine = c.open(true, false);
+      return run(c, async () => {
+        const { woke } = await engine.signal(id, name, payload);
+        c.print(
+          woke
+            ? `signal ${name} sent; run ${id} was waiting for it and is due now`
+            : `signal ${name} kept for run ${id}; its wait of that name takes it when it gets there`,
+          { runId: id, name, woke },
+        );
+        return 0;
+      });
+    });
+
+  root
+    .command('cancel')
+    .description('stop a run (at its next milestone if it is running) and leave it cancelled')
+    .argument('<run-id>')
+    .option('--rollback', 'run its compensations first')
+    .action(async (id: string, opts: { rollback?: boolean }, command: Command) => {
+      const c = cli(command);
+      const engine = c.open(true);
+      return run(c, async () =>
+        c.report(await engine.cancel(id, { rollback: opts.rollback === true }), [
+          RunStatus.cancelled,
+        ]),
+      );
+    });
 
   const dlq = root.command('dlq').description('the dead-letter queue: runs that could not finish');
   dlq

@@ -116,6 +116,10 @@ export class SqliteStore implements Store {
         `UPDATE queue SET due_at = ? WHERE run_id = ? AND reason = 'signal'
            AND EXISTS (SELECT 1 FROM waits WHERE run_id = ? AND name = ? AND status = 'waiting')`,
       ),
+      wakeIfSignalled: p(
+        `UPDATE queue SET due_at = ? WHERE run_id = ? AND EXISTS
+           (SELECT 1 FROM signals WHERE run_id = ? AND name = ? AND consumed_at IS NULL)`,
+      ),
       requestCancel: p('UPDATE runs SET cancel_requested = ? WHERE id = ?'),
       cancelRequest: p('SELECT cancel_requested AS c FROM runs WHERE id = ?'),
       upsertQueue: p(
@@ -206,6 +210,13 @@ export class SqliteStore implements Store {
         if (milestone.queue === null) this.statements.deleteQueue.run(id);
         else if (milestone.queue) this.upsertQueue(milestone.queue);
         if (milestone.wait) this.upsertWait(milestone.wait);
+        // A signal sent while the run was deciding to wait for it: due at once, not never.
+        if (
+          milestone.queue &&
+          milestone.wait?.kind === 'signal' &&
+          milestone.wait.status === 'waiting'
+        )
+          this.statements.wakeIfSignalled.run(now, id, id, milestone.wait.name);
         if (milestone.consumeSignal)
           this.statements.consumeSignal.run(milestone.consumeSignal.at, milestone.consumeSignal.id);
         if (milestone.deadLetter === null) this.statements.deleteDeadLetter.run(id);
