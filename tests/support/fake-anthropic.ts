@@ -79,6 +79,8 @@ export type FakeAnthropic = {
   requests: RecordedRequest[];
   /** Queues answers for the next requests, in order; requests beyond the queue get a default. */
   script(responses: FakeResponse[]): void;
+  /** Answers every request the script does not cover (the default answer when unset). */
+  otherwise(answer: (() => FakeResponse) | undefined): void;
   /** Drops unanswered scripted responses and the request log. */
   reset(): void;
   /** Connections that carried a request and are still open (kept-alive ones included). */
@@ -133,6 +135,7 @@ function chunks(text: string, size: number | undefined): string[] {
 
 export async function startFakeAnthropic(): Promise<FakeAnthropic> {
   const queue: FakeResponse[] = [];
+  let fallback: (() => FakeResponse) | undefined;
   const requests: RecordedRequest[] = [];
   let counter = 0;
 
@@ -155,7 +158,7 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
       return;
     }
 
-    const spec = queue.shift() ?? {};
+    const spec = queue.shift() ?? fallback?.() ?? {};
     if (spec.reset) {
       req.socket.resetAndDestroy();
       return;
@@ -277,6 +280,9 @@ export async function startFakeAnthropic(): Promise<FakeAnthropic> {
     url: `http://127.0.0.1:${port}`,
     requests,
     openSockets: () => sockets.size,
+    otherwise(answer) {
+      fallback = answer;
+    },
     script(responses) {
       queue.push(...responses);
     },

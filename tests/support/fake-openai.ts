@@ -71,6 +71,8 @@ export type FakeOpenAI = {
   requests: FakeOpenAIRequest[];
   /** Queues responses; each request takes the next one, or the default answer when none is left. */
   script(...responses: FakeOpenAIResponse[]): void;
+  /** Answers every request the script does not cover (the default answer when unset). */
+  otherwise(answer: (() => FakeOpenAIResponse) | undefined): void;
   /** Connections that carried a request and are still open (kept-alive ones included). */
   openSockets(): number;
   close(): Promise<void>;
@@ -80,6 +82,7 @@ export const DEFAULT_ANSWER = 'default answer';
 
 export async function startFakeOpenAI(): Promise<FakeOpenAI> {
   const queue: FakeOpenAIResponse[] = [];
+  let fallback: (() => FakeOpenAIResponse) | undefined;
   const requests: FakeOpenAIRequest[] = [];
   const timers = new Set<NodeJS.Timeout>();
   let counter = 0;
@@ -119,7 +122,7 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
       });
       return;
     }
-    const r = queue.shift() ?? { text: DEFAULT_ANSWER };
+    const r = queue.shift() ?? fallback?.() ?? { text: DEFAULT_ANSWER };
     if (r.reset) {
       req.socket.resetAndDestroy();
       return;
@@ -326,6 +329,9 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
     url: `http://127.0.0.1:${port}/v1`,
     requests,
     openSockets: () => sockets.size,
+    otherwise(answer) {
+      fallback = answer;
+    },
     script(...responses) {
       queue.push(...responses);
     },
