@@ -264,7 +264,7 @@ describe('configuration validation', () => {
       problem(
         'llm.tier',
         'is not a known setting',
-        'Known settings: tiers, budget, maxRetryAfterMs, timeouts, hedgeAfterMs, breaker, quotaCooldownMs, degraded.',
+        'Known settings: tiers, budget, maxRetryAfterMs, timeouts, hedgeAfterMs, breaker, quotaCooldownMs, degraded, maxInFlight, sameTierRetries, streamPlainCalls.',
       ),
     ],
     [
@@ -273,7 +273,7 @@ describe('configuration validation', () => {
       problem(
         'llm.tiers[0].temperature',
         'is not a known setting',
-        'Known settings: name, provider, model, baseURL, apiKeyEnv, contextWindow, price, maxRetryAfterMs, connectTimeoutMs.',
+        'Known settings: name, provider, model, baseURL, apiKeyEnv, contextWindow, price, maxRetryAfterMs, connectTimeoutMs, maxInFlight.',
       ),
     ],
     [

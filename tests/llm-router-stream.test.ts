@@ -446,3 +446,27 @@ describe('misconfigured tiers', () => {
     );
   });
 });
+
+describe('in-flight limit per tier', () => {
+  it('maxInFlight 2: six concurrent calls reach the provider two at a time', async () => {
+    const arrivals: number[] = [];
+    let open = 0;
+    let most = 0;
+    gpt.otherwise(() => {
+      arrivals.push(Date.now());
+      open += 1;
+      most = Math.max(most, open);
+      setTimeout(() => (open -= 1), 150);
+      return { text: 'ok', delayMs: 150 };
+    });
+    const r = createRouter({
+      tiers: [{ ...tiers()[1]!, maxInFlight: 2 }],
+      clock,
+      random: () => 1,
+    });
+    const answers = await Promise.all(Array.from({ length: 6 }, () => r.complete(REQUEST)));
+    expect(answers.map((a) => a.tier)).toEqual(Array(6).fill('gpt'));
+    expect(arrivals).toHaveLength(6);
+    expect(most).toBe(2);
+  });
+});

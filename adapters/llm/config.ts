@@ -41,6 +41,7 @@ export type TierConfig = {
   price?: TierPrice;
   maxRetryAfterMs?: number;
   connectTimeoutMs?: number;
+  maxInFlight?: number;
 };
 
 export type LlmConfig = {
@@ -49,6 +50,10 @@ export type LlmConfig = {
   maxRetryAfterMs?: number;
   timeouts?: { connectMs?: number; firstTokenMs?: number; idleMs?: number; totalMs?: number };
   hedgeAfterMs?: number;
+  /** Most requests in flight to one tier at once, per process (a tier's own setting wins). */
+  maxInFlight?: number;
+  sameTierRetries?: number;
+  streamPlainCalls?: boolean;
   breaker?: { failureThreshold?: number; cooldownMs?: number };
   quotaCooldownMs?: number;
   /** `false` leaves the offline degraded tier out of the default chain. */
@@ -58,7 +63,15 @@ export type LlmConfig = {
 /** The router settings of a configuration, everything but the tiers. */
 export type LlmRouterSettings = Pick<
   LlmConfig,
-  'budget' | 'maxRetryAfterMs' | 'timeouts' | 'hedgeAfterMs' | 'breaker' | 'quotaCooldownMs'
+  | 'budget'
+  | 'maxRetryAfterMs'
+  | 'timeouts'
+  | 'hedgeAfterMs'
+  | 'breaker'
+  | 'quotaCooldownMs'
+  | 'maxInFlight'
+  | 'sameTierRetries'
+  | 'streamPlainCalls'
 >;
 
 /** A router tier with what configuration adds to it, for the router and for `keel doctor`. */
@@ -114,6 +127,9 @@ const LLM_FIELDS = [
   'breaker',
   'quotaCooldownMs',
   'degraded',
+  'maxInFlight',
+  'sameTierRetries',
+  'streamPlainCalls',
 ] as const;
 const TIER_FIELDS = [
   'name',
@@ -125,6 +141,7 @@ const TIER_FIELDS = [
   'price',
   'maxRetryAfterMs',
   'connectTimeoutMs',
+  'maxInFlight',
 ] as const;
 const TIMEOUT_FIELDS = ['connectMs', 'firstTokenMs', 'idleMs', 'totalMs'] as const;
 const BREAKER_FIELDS = ['failureThreshold', 'cooldownMs'] as const;
@@ -348,6 +365,13 @@ function checkTier(c: Checker, value: unknown, path: string): TierConfig {
   if (o.maxRetryAfterMs !== undefined) {
     tier.maxRetryAfterMs = c.amount(o.maxRetryAfterMs, `${path}.maxRetryAfterMs`, 'milliseconds');
   }
+  if (o.maxInFlight !== undefined) {
+    tier.maxInFlight = c.wholeNumber(
+      o.maxInFlight,
+      `${path}.maxInFlight`,
+      'It is the most requests in flight to this tier at once, e.g. 8.',
+    );
+  }
   if (o.connectTimeoutMs !== undefined) {
     tier.connectTimeoutMs = c.amount(
       o.connectTimeoutMs,
@@ -428,6 +452,28 @@ export function parseLlmConfig(value: unknown, source = 'configuration'): LlmCon
   }
   if (o.quotaCooldownMs !== undefined) {
     config.quotaCooldownMs = c.amount(o.quotaCooldownMs, 'llm.quotaCooldownMs', 'milliseconds');
+  }
+  if (o.maxInFlight !== undefined) {
+    config.maxInFlight = c.wholeNumber(
+      o.maxInFlight,
+      'llm.maxInFlight',
+      'It is the most requests in flight to one tier at once, e.g. 8.',
+    );
+  }
+  if (o.sameTierRetries !== undefined) {
+    config.sameTierRetries = c.wholeNumber(
+      o.sameTierRetries,
+      'llm.sameTierRetries',
+      'It is how many times a call retries a busy tier before moving on, e.g. 2.',
+    );
+  }
+  if (o.streamPlainCalls !== undefined) {
+    if (typeof o.streamPlainCalls !== 'boolean') {
+      throw new InputError('llm.streamPlainCalls must be true or false.', {
+        hint: 'Leave it out to stream plain calls where the provider can.',
+      });
+    }
+    config.streamPlainCalls = o.streamPlainCalls;
   }
   if (o.timeouts !== undefined) {
     const t = c.object(
@@ -638,6 +684,9 @@ export function routerOptionsFrom(config: LlmConfig | undefined): LlmRouterSetti
   if (config.quotaCooldownMs !== undefined) out.quotaCooldownMs = config.quotaCooldownMs;
   if (config.timeouts !== undefined) out.timeouts = { ...config.timeouts };
   if (config.hedgeAfterMs !== undefined) out.hedgeAfterMs = config.hedgeAfterMs;
+  if (config.maxInFlight !== undefined) out.maxInFlight = config.maxInFlight;
+  if (config.sameTierRetries !== undefined) out.sameTierRetries = config.sameTierRetries;
+  if (config.streamPlainCalls !== undefined) out.streamPlainCalls = config.streamPlainCalls;
   return out;
 }
 
@@ -801,6 +850,7 @@ function tierExtras(tier: TierConfig): Partial<ConfiguredTier> {
   if (tier.price !== undefined) extra.price = { ...tier.price };
   if (tier.maxRetryAfterMs !== undefined) extra.maxRetryAfterMs = tier.maxRetryAfterMs;
   if (tier.connectTimeoutMs !== undefined) extra.connectTimeoutMs = tier.connectTimeoutMs;
+  if (tier.maxInFlight !== undefined) extra.maxInFlight = tier.maxInFlight;
   return extra;
 }
 

@@ -39,6 +39,11 @@ export type RouterTier = {
   price?: TierPrice;
   /** The offline tier: its answers are marked degraded. */
   degraded?: boolean;
+  /**
+   * At most this many requests in flight to this tier from this router at once (a recovering
+   * provider is not hit by a whole backlog at the same instant); the router's default if absent.
+   */
+  maxInFlight?: number;
 };
 
 /** One request sent to a tier, and how it ended. */
@@ -97,6 +102,8 @@ export type RouterOptions = {
    * moves on to the next tier (default 2).
    */
   sameTierRetries?: number;
+  /** Default of {@link RouterTier.maxInFlight}: unlimited when absent. */
+  maxInFlight?: number;
   /** How long this router skips a tier that refused its key or lacks the model (10 minutes). */
   misconfiguredSkipMs?: number;
   timeouts?: RouterTimeouts;
@@ -362,6 +369,26 @@ export function createRouter(options: RouterOptions): Router {
     });
   };
 
+  /** Requests in flight per tier, and the calls waiting for a slot. */
+  const inFlight = new Map<string, number>();
+  const slotWaiters = new Map<string, (() => void)[]>();
+  const limitOf = (tier: RouterTier) => tier.maxInFlight ?? options.maxInFlight ?? Infinity;
+  const acquire = async (tier: RouterTier, signal: AbortSignal | undefined): Promise<void> => {
+    while ((inFlight.get(tier.name) ?? 0) >= limitOf(tier)) {
+      signal?.throwIfAborted();
+      await new Promise<void>((resolve) => {
+        const list = slotWaiters.get(tier.name) ?? [];
+        list.push(resolve);
+        slotWaiters.set(tier.name, list);
+      });
+    }
+    inFlight.set(tier.name, (inFlight.get(tier.name) ?? 0) + 1);
+  };
+  const releaseSlot = (tier: RouterTier) => {
+    inFlight.set(tier.name, (inFlight.get(tier.name) ?? 1) - 1);
+    slotWaiters.get(tier.name)?.shift()?.();
+  };
+
   /** Starts one request on one tier, with its timeouts. */
   function launch(
     tier: RouterTier,
@@ -410,6 +437,17 @@ export function createRouter(options: RouterOptions): Router {
     };
     const provider = tier.provider;
     const run = async (): Promise<LlmResponse> => {
+      if (limitOf(tier) !== Infinity) {
+        await acquire(tier, controller.signal);
+        try {
+          return await attempt();
+        } finally {
+          releaseSlot(tier);
+        }
+      }
+      return attempt();
+    };
+    const attempt = async (): Promise<LlmResponse> => {
       arm(
         totalMs ?? (streaming && provider.stream ? undefined : DEFAULT_COMPLETE_TOTAL_MS),
         `no complete answer within ${totalMs ?? DEFAULT_COMPLETE_TOTAL_MS} ms`,
