@@ -155,6 +155,8 @@ export class Engine {
   private readonly owner: string;
   private readonly registry = new Map<string, AnyWorkflow>();
   private readonly held = new Set<HeldRun>();
+  /** Workflows' `concurrency` options, as their definitions are met. */
+  private readonly limits = new Map<string, number>();
 
   constructor(options: EngineOptions) {
     const emit = options.onEvent ?? (() => {});
@@ -200,6 +202,7 @@ export class Engine {
   /** Makes a definition available to `resume` and `rollback` by its workflow name. */
   register(wf: AnyWorkflow): this {
     this.registry.set(wf.name, wf);
+    if (wf.options.concurrency !== undefined) this.limits.set(wf.name, wf.options.concurrency);
     return this;
   }
 
@@ -282,6 +285,8 @@ export class Engine {
   ) {
     const definition = asWorkflow(wf);
     definition.validate();
+    if (definition.options.concurrency !== undefined)
+      this.limits.set(definition.name, definition.options.concurrency);
     started.set(`${definition.name}:${fingerprint(definition.shape())}`, definition);
     if (
       typeof input !== 'object' ||
@@ -722,6 +727,8 @@ export class Engine {
     const signal = options.signal;
     const report: WorkReport = { completed: 0, failed: 0, waiting: 0, other: 0, errors: 0 };
     const active = new Map<string, Promise<void>>();
+    /** The workflow of each run this worker carries on, for the per-workflow limits. */
+    const activeFlows = new Map<string, string>();
     let wake: (() => void) | undefined;
     const kick = () => wake?.();
     const launch = (runId: string, work: () => Promise<RunResult>) => {
@@ -744,6 +751,7 @@ export class Engine {
         })
         .finally(() => {
           active.delete(runId);
+          activeFlows.delete(runId);
           kick();
         });
       active.set(runId, task);
@@ -753,10 +761,13 @@ export class Engine {
       const now = clock.now();
       const before = active.size;
       if (active.size < concurrency) {
-        const due = await store.dueRuns(now, concurrency + active.size);
+        const due = await store.dueRuns(now, 2 * concurrency + active.size);
+        const busy = new Map<string, number>();
         for (const entry of due) {
           if (active.size >= concurrency) break;
           if (active.has(entry.runId)) continue;
+          if (await this.atLimit(entry.workflow, busy, activeFlows)) continue;
+          activeFlows.set(entry.runId, entry.workflow);
           launch(entry.runId, () => this.resume(entry.runId));
         }
       }
@@ -799,6 +810,35 @@ export class Engine {
     }
     await this.drain(active, options.graceMs ?? 10_000);
     return report;
+  }
+
+  /**
+   * Whether a workflow has as many runs going as its `concurrency` option allows: those this worker
+   * carries on, or those held by live processes, whichever is more. `busy` caches the count for one
+   * look at the queue, counting the runs launched during it.
+   */
+  private async atLimit(
+    workflow: string,
+    busy: Map<string, number>,
+    activeFlows: Map<string, string>,
+  ): Promise<boolean> {
+    const limit = this.limits.get(workflow);
+    if (limit === undefined) return false;
+    let count = busy.get(workflow);
+    if (count === undefined) {
+      const running = await this.deps.store.listRuns({ status: RunStatus.running, workflow });
+      const live = running.filter((r) => this.leaseIsLive(r) || this.isHeldHere(r.id)).length;
+      const mine = [...activeFlows.values()].filter((w) => w === workflow).length;
+      count = Math.max(live, mine);
+    }
+    if (count >= limit) return true;
+    busy.set(workflow, count + 1);
+    return false;
+  }
+
+  private isHeldHere(runId: string): boolean {
+    for (const held of this.held) if (held.id === runId) return true;
+    return false;
   }
 
   /** Lets runs in progress finish for `graceMs`, then stops the rest and puts them back in the queue. */
@@ -886,6 +926,7 @@ export class Engine {
       );
     }
     wf.validate();
+    if (wf.options.concurrency !== undefined) this.limits.set(wf.name, wf.options.concurrency);
     return wf;
   }
 

@@ -9,7 +9,7 @@ import type { Draft } from 'immer';
 import { DefinitionError } from './errors.ts';
 import type { LlmCall } from './llm/journal.ts';
 import type { Logger } from './logger.ts';
-import type { Duration } from './time.ts';
+import { toMs, type Duration } from './time.ts';
 
 /** The route target that ends the run. */
 export const END = '__end__';
@@ -147,6 +147,11 @@ export type WorkflowOptions = {
    * before it is dead-lettered; default 24 hours.
    */
   maxWait?: Duration;
+  /**
+   * At most this many runs of the workflow carried on at once by workers (each worker counts the
+   * runs held by live processes); unlimited when absent.
+   */
+  concurrency?: number;
   /** Roll back completed effects on its own when the run fails (default false). */
   rollbackOnFailure?: boolean;
   description?: string;
@@ -309,6 +314,14 @@ export class Workflow<S, Names extends string = never, Pending extends string = 
   /** Throws {@link DefinitionError} when the graph cannot run: empty, unknown targets, dead steps. */
   validate(): void {
     const where = `workflow "${this.name}"`;
+    const { concurrency, maxWait } = this.options;
+    if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1)) {
+      throw new DefinitionError(
+        `${where} has concurrency ${JSON.stringify(concurrency)}; it must be a whole number of runs, at least 1.`,
+        { hint: 'Leave it out for no limit.' },
+      );
+    }
+    if (maxWait !== undefined) toMs(maxWait, `maxWait of ${where}`);
     if (this.nodes.length === 0) {
       throw new DefinitionError(`${where} has no steps.`, {
         hint: 'Add one with .step(name, fn).',
