@@ -235,12 +235,15 @@ describe('keel enqueue', () => {
     expect(delay.stderr).toContain('keel: Invalid --delay: "soon".');
     expect(delay.stderr).toContain('Use milliseconds (a number >= 0) or a string such as "500ms"');
     for (const result of [priority, fraction, delay]) expect(result.stdout).toBe('');
-    // Nothing was queued.
-    if (existsSync(db)) {
-      const store = openSqliteStore(db);
-      opened.push(store);
-      expect(await store.listRuns()).toEqual([]);
-    }
+  });
+
+  it('a refused --delay leaves no database behind', async () => {
+    const dir = tempDir('keel-cli-bad-delay-');
+    const db = join(dir, 'keel.db');
+    const refused = await keel(['--db', db, 'enqueue', APPEND, '--delay', 'soon']);
+    expect(refused.code).toBe(2);
+    // An input error changes nothing; here the database is created before --delay is checked.
+    expect(existsSync(db)).toBe(false);
   });
 });
 
@@ -272,35 +275,55 @@ describe('dead letters', () => {
     expect((await engine.deadLetters()).map((d) => d.runId)).toEqual([runId]);
   });
 
-  it('a step that fails every attempt is dead-lettered with reason attempts, each attempt in its history', async () => {
-    const { dir, engine } = setup('dlq-attempts');
-    writeFileSync(join(dir, 'broken'), '');
+  /** A run of `q-flaky` whose `flaky` step fails both its attempts, worked to its dead letter. */
+  async function deadLettered(prefix: string) {
+    const box = setup(prefix);
+    writeFileSync(join(box.dir, 'broken'), '');
     const started = Date.now();
-    const { runId } = await engine.enqueue(flaky, { dir }, { module: FLAKY });
-    const report = await engine.work({ untilIdle: true, pollMs: 50 });
-    const ended = Date.now();
+    const { runId } = await box.engine.enqueue(flaky, { dir: box.dir }, { module: FLAKY });
+    const report = await box.engine.work({ untilIdle: true, pollMs: 50 });
     expect(report).toEqual({ ...IDLE_REPORT, failed: 1 });
+    return { ...box, runId, started, ended: Date.now() };
+  }
+
+  it('a step that fails every attempt is dead-lettered with reason attempts', async () => {
+    const { dir, engine, runId, started, ended } = await deadLettered('dlq-attempts');
     expect(lines(join(dir, 'steps.log'))).toEqual([
       `first ${runId}`,
       `flaky ${runId}`,
       `flaky ${runId}`,
     ]);
-
     const letter = await engine.deadLetter(runId);
+    const error = { name: 'Error', message: 'the upstream is broken', step: 'flaky' };
     expect(letter).toMatchObject({
       runId,
       workflow: 'q-flaky',
       step: 'flaky',
       reason: 'attempts',
       droppedAt: null,
-      error: { name: 'Error', message: 'the upstream is broken', step: 'flaky' },
+      error,
+    });
+    expect(letter.createdAt).toBeGreaterThanOrEqual(started);
+    expect(letter.createdAt).toBeLessThanOrEqual(ended);
+    // Its last entry says how many attempts were spent, and when the step gave up.
+    expect(letter.history.at(-1)).toEqual({
+      at: letter.createdAt,
+      step: 'flaky',
+      error: 'the upstream is broken',
+      attempts: 2,
     });
     const run = await engine.get(runId);
+    expect(run).toMatchObject({ status: 'failed', cursor: 'flaky', error });
     expect(run.steps.map((s) => [s.name, s.status, s.attempts])).toEqual([
       ['first', 'completed', 1],
       ['flaky', 'failed', 2],
     ]);
-    // The history is documented as "the step's attempts and the run's parks, with their times".
+  });
+
+  it("a dead letter's history lists each failed attempt with its time", async () => {
+    const { engine, runId, started, ended } = await deadLettered('dlq-history');
+    const letter = await engine.deadLetter(runId);
+    // Documented (DeadLetter.history): "the step's attempts and the run's parks, with their times".
     const history = letter.history as { at: number; step: string; error: string }[];
     expect(history).toHaveLength(2);
     for (const entry of history) {
@@ -308,16 +331,11 @@ describe('dead letters', () => {
       expect(entry.at).toBeGreaterThanOrEqual(started);
       expect(entry.at).toBeLessThanOrEqual(ended);
     }
+    expect(history[0]!.at).toBeLessThanOrEqual(history[1]!.at);
   });
 
   it('keel dlq ls/show --json list the letter; dlq retry continues from the last checkpoint', async () => {
-    const { dir, db, engine, store } = setup('dlq-retry');
-    writeFileSync(join(dir, 'broken'), '');
-    const { runId } = await engine.enqueue(flaky, { dir }, { module: FLAKY });
-    expect(await engine.work({ untilIdle: true, pollMs: 50 })).toEqual({
-      ...IDLE_REPORT,
-      failed: 1,
-    });
+    const { dir, db, engine, store, runId } = await deadLettered('dlq-retry');
 
     const [listed, shown, shownText] = await Promise.all([
       keelJson<DeadLetterView[]>(['--db', db, 'dlq', 'ls']),
@@ -473,7 +491,11 @@ describe('parking', () => {
       runId,
       step: 'ask',
       reason: 'wait_limit',
-      error: { name: 'LlmUnavailableError', code: 'LLM_UNAVAILABLE', message: expect.stringMatching(/^down/) as unknown },
+      error: {
+        name: 'LlmUnavailableError',
+        code: 'LLM_UNAVAILABLE',
+        message: expect.stringMatching(/^down/) as unknown,
+      },
     });
     expect((await engine.get(runId)).status).toBe('failed');
     expect(await store.getQueueEntry(runId)).toBeUndefined();
@@ -500,7 +522,9 @@ describe('parking', () => {
     expect(entry).toMatchObject({ reason: 'parked', parks: 1 });
     expect(entry.dueAt! - before).toBeGreaterThanOrEqual(30_000);
     const history = JSON.parse(entry.history) as { at: number }[];
-    expect(history).toEqual([{ at: entry.dueAt! - 30_000, step: 'ask', error: 'down', waitMs: 30_000 }]);
+    expect(history).toEqual([
+      { at: entry.dueAt! - 30_000, step: 'ask', error: 'down', waitMs: 30_000 },
+    ]);
     const run = await engine.get(runId);
     expect(run.status).toBe('waiting');
     // An outage spends none of the step's attempts.
