@@ -52,18 +52,19 @@ it('keel worker finishes 50 briefs queued during an outage of both providers, an
   );
   await engine.close();
 
-  // Both providers answer 503 for the first three seconds, then recover.
-  const recovery = Date.now() + 3_000;
+  // Both providers answer 503 for three seconds from the first request, then recover.
+  let recovery: number | undefined;
+  const down = () => Date.now() < (recovery ??= Date.now() + 3_000);
   let duringOutage = 0;
   claude.otherwise(() => {
-    if (Date.now() < recovery) {
+    if (down()) {
       duringOutage += 1;
       return { status: 503 };
     }
     return { content: [{ type: 'text', text: 'keel resumes from its last checkpoint [1].' }] };
   });
   gpt.otherwise(() => {
-    if (Date.now() < recovery) {
+    if (down()) {
       duringOutage += 1;
       return { status: 503, error: { message: 'down', type: 'server_error' } };
     }
