@@ -6,6 +6,7 @@ import type { DoctorReport } from '../adapters/cli/doctor.ts';
 import { startFakeAnthropic, type FakeAnthropic } from './support/fake-anthropic.ts';
 import { startFakeOpenAI, type FakeOpenAI } from './support/fake-openai.ts';
 import { keel, tempDir } from './support/index.ts';
+import { openSqliteStore } from '../adapters/sqlite/store.ts';
 
 const ANTHROPIC_KEY = 'sk-ant-api03-doctor-5e6f7a8b9c0d';
 const OPENAI_KEY = 'sk-proj-doctor-1f2e3d4c5b6a';
@@ -116,6 +117,7 @@ describe('keel doctor', () => {
       problems: [
         'MISCONFIGURED: openai (openai gpt-4.1-mini): the key was refused (401 invalid_api_key), check OPENAI_API_KEY',
       ],
+      shared: null,
     });
     // Each tier got the one-token ping, straight from its provider (no retry on the refusal).
     expect(anthropic.requests.map((r) => r.body)).toEqual([
@@ -229,6 +231,7 @@ describe('keel doctor', () => {
         `UNREACHABLE: slow (anthropic claude-sonnet-4-5): no answer within 400 ms; is ${anthropic.url} up?`,
         `MISCONFIGURED: wrong (openai-compatible qwen): not found (404 not_found_error), check the model name and the base URL ${anthropic.url}/v1`,
       ],
+      shared: null,
     });
     expect(result.stdout).not.toContain('slow-key-value-1234');
   });
@@ -251,6 +254,7 @@ describe('keel doctor', () => {
       problems: [
         'NO TIER: set ANTHROPIC_API_KEY or OPENAI_API_KEY, start a local server, or configure tiers in keel.config.json',
       ],
+      shared: null,
     });
   });
 
@@ -274,5 +278,40 @@ describe('keel doctor', () => {
     expect(result.stderr).toContain(
       `error: option '--timeout <ms>' argument 'soon' is invalid. --timeout takes a whole number of milliseconds, got "soon".`,
     );
+  });
+});
+
+describe('shared tier state', () => {
+  it('lists the breakers and cooldowns every process on the database shares, and --reset clears them', async () => {
+    const db = join(cwd, 'shared.db');
+    const store = openSqliteStore(db);
+    const later = Date.now() + 3_600_000;
+    await store.updateTierState('openai', (s) => ({ ...s, downUntil: later, updatedAt: 1 }));
+    await store.updateTierState('anthropic', (s) => ({
+      ...s,
+      breaker: 'open',
+      failures: 3,
+      openUntil: later,
+      updatedAt: 1,
+    }));
+    await store.close();
+    const shown = await keel(['doctor', '--db', db, '--json'], { cwd, env: env() });
+    const report = JSON.parse(shown.stdout) as {
+      shared: { reset: boolean; tiers: { tier: string; breaker: string; downUntil: number }[] };
+    };
+    expect(report.shared.reset).toBe(false);
+    expect(report.shared.tiers.map((t) => [t.tier, t.breaker, t.downUntil])).toEqual([
+      ['anthropic', 'open', 0],
+      ['openai', 'closed', later],
+    ]);
+    const text = await keel(['doctor', '--db', db], { cwd, env: env() });
+    expect(text.stdout).toContain('clear it with `keel doctor --reset`');
+    const reset = await keel(['doctor', '--db', db, '--reset', '--json'], { cwd, env: env() });
+    const after = JSON.parse(reset.stdout) as typeof report;
+    expect(after.shared.reset).toBe(true);
+    expect(after.shared.tiers.map((t) => [t.tier, t.breaker, t.downUntil])).toEqual([
+      ['anthropic', 'closed', 0],
+      ['openai', 'closed', 0],
+    ]);
   });
 });

@@ -9,6 +9,11 @@ import { classifyFailure } from '../../engine/llm/classify.ts';
 import type { FailureClass, LlmRequest, ProviderFailure } from '../../engine/llm/types.ts';
 import { buildTiers, loadLlmConfig, type ConfiguredTier, type Env } from '../llm/config.ts';
 import { table } from './format.ts';
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { initialTierState, type TierState } from '../../engine/llm/tier-state.ts';
+import { openSqliteStore } from '../sqlite/store.ts';
+import { DEFAULT_DB } from '../index.ts';
 
 export const DEFAULT_TIMEOUT_MS = 10_000;
 
@@ -205,15 +210,66 @@ export function registerDoctor(root: Command, done: (exitCode: number) => void):
       timeoutArgument,
       DEFAULT_TIMEOUT_MS,
     )
-    .action(async (opts: { config?: string; timeout: number }, command: Command) => {
-      const { json } = command.optsWithGlobals<{ json?: boolean }>();
-      const report = await runDoctor({
-        cwd: process.cwd(),
-        env: process.env,
-        timeoutMs: opts.timeout,
-        ...(opts.config === undefined ? {} : { config: opts.config }),
-      });
-      process.stdout.write(`${json ? JSON.stringify(report, null, 2) : formatDoctor(report)}\n`);
-      done(doctorExitCode(report));
-    });
+    .option('--reset', "clear the database's breakers and cooldowns of every tier")
+    .action(
+      async (opts: { config?: string; timeout: number; reset?: boolean }, command: Command) => {
+        const { json, db } = command.optsWithGlobals<{ json?: boolean; db?: string }>();
+        const report = await runDoctor({
+          cwd: process.cwd(),
+          env: process.env,
+          timeoutMs: opts.timeout,
+          ...(opts.config === undefined ? {} : { config: opts.config }),
+        });
+        const shared = await sharedTierState(
+          resolve(db ?? process.env.KEEL_DB ?? DEFAULT_DB),
+          opts.reset === true,
+        );
+        const text = `${formatDoctor(report)}${formatShared(shared)}`;
+        process.stdout.write(`${json ? JSON.stringify({ ...report, shared }, null, 2) : text}\n`);
+        done(doctorExitCode(report));
+      },
+    );
+}
+
+/** The tier state every process on a database shares (breakers, quota cooldowns), if it exists. */
+type SharedState = { database: string; reset: boolean; tiers: TierState[] } | null;
+
+async function sharedTierState(database: string, reset: boolean): Promise<SharedState> {
+  if (!existsSync(database)) return null;
+  const store = openSqliteStore(database);
+  try {
+    const now = Date.now();
+    if (reset) {
+      for (const t of await store.listTierStates()) {
+        await store.updateTierState(t.tier, () => ({
+          ...initialTierState(t.tier),
+          updatedAt: now,
+        }));
+      }
+    }
+    return { database, reset, tiers: await store.listTierStates() };
+  } finally {
+    await store.close();
+  }
+}
+
+function formatShared(shared: SharedState): string {
+  if (!shared || shared.tiers.length === 0) return '';
+  const now = Date.now();
+  const until = (at: number) => (at > now ? new Date(at).toISOString() : '-');
+  const rows = shared.tiers.map((t) => [
+    t.tier,
+    t.breaker,
+    String(t.failures),
+    t.breaker === 'open' ? until(t.openUntil) : '-',
+    until(t.downUntil),
+    t.misconfigured ?? '',
+  ]);
+  return [
+    '',
+    '',
+    `shared state in ${shared.database}${shared.reset ? ' (just reset)' : ''}: every process on it skips a tier while its breaker is open or it is down`,
+    table(['tier', 'breaker', 'failures', 'open until', 'down until', 'last misconfigured'], rows),
+    shared.reset ? '' : 'clear it with `keel doctor --reset`',
+  ].join('\n');
 }
