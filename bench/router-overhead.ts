@@ -39,6 +39,13 @@ const router = createRouter({
   clock: systemClock,
   states: store,
 });
+/** The same, sending plain calls whole instead of as streams (no silence timeouts then). */
+const plainRouter = createRouter({
+  tiers: [{ name: 'primary', provider: provider() }],
+  clock: systemClock,
+  states: store,
+  streamPlainCalls: false,
+});
 /** 127.0.0.1:9 refuses connections: a provider that is hard-down. */
 const downRouter = createRouter({
   tiers: [
@@ -74,17 +81,19 @@ async function timed(call: () => Promise<unknown>): Promise<number> {
  * One repetition: the three ways interleaved call by call, so that load on the machine falls on
  * all of them alike; the median call of each.
  */
-async function repetition(): Promise<[number, number, number]> {
+async function repetition(): Promise<[number, number, number, number]> {
   const d: number[] = [];
   const r: number[] = [];
+  const p: number[] = [];
   const down: number[] = [];
   for (let i = 0; i < calls; i++) {
     d.push(await timed(directCall));
     r.push(await timed(() => router.complete(request)));
+    p.push(await timed(() => plainRouter.complete(request)));
     down.push(await timed(() => downRouter.complete(request)));
   }
   fake.requests.length = 0;
-  return [median(d), median(r), median(down)];
+  return [median(d), median(r), median(p), median(down)];
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
@@ -95,26 +104,32 @@ const fmt = (xs: number[]) =>
 for (let i = 0; i < 50; i++) {
   await directCall();
   await router.complete(request);
+  await plainRouter.complete(request);
 }
 await downRouter.complete(request);
 if (downRouter.breakers().down?.state !== 'open') throw new Error('the down tier should be open');
 
 const directUs: number[] = [];
 const routerUs: number[] = [];
+const plainUs: number[] = [];
 const downUs: number[] = [];
 for (let rep = 0; rep < reps; rep++) {
-  const [d, r, down] = await repetition();
+  const [d, r, p, down] = await repetition();
   directUs.push(d);
   routerUs.push(r);
+  plainUs.push(p);
   downUs.push(down);
 }
 const overhead = directUs.map((d, i) => routerUs[i]! - d);
+const plainOverhead = directUs.map((d, i) => plainUs[i]! - d);
 const downAdded = directUs.map((d, i) => downUs[i]! - d);
 console.log(`LLM router: ${calls} calls per repetition, ${reps} repetitions; median call of each`);
 console.log(`repetition, then median and min–max over repetitions`);
 console.log(`  SDK directly                       ${fmt(directUs)}`);
 console.log(`  through the router                 ${fmt(routerUs)}`);
 console.log(`  router overhead per call           ${fmt(overhead)}`);
+console.log(`  through the router, sent whole     ${fmt(plainUs)}`);
+console.log(`  overhead per call, sent whole      ${fmt(plainOverhead)}`);
 console.log(`  primary down, breaker open         ${fmt(downUs)}`);
 console.log(`  added per call while primary down  ${fmt(downAdded)}`);
 
