@@ -14,6 +14,7 @@ import {
   CancelledError,
   LeaseError,
   isLeaseError,
+  isKeelError,
   serializeError,
   type SerializedError,
 } from './errors.ts';
@@ -371,7 +372,10 @@ export class Engine {
    * Continues an interrupted (or failed) run from its last checkpoint. Effects recorded as done are
    * not run again; one whose outcome was not recorded is reconciled or run again with the same key.
    */
-  async resume(runId: string, options: ResumeOptions = {}): Promise<RunResult> {
+  async resume(
+    runId: string,
+    options: ResumeOptions & { onlyIfDue?: boolean } = {},
+  ): Promise<RunResult> {
     const run = await this.mustGet(runId);
     if (run.status === RunStatus.compensating) return this.rollback(runId, options);
     if (!RESUMABLE.has(run.status)) {
@@ -407,12 +411,23 @@ export class Engine {
       // Resumed by hand: no longer a dead letter.
       milestone.deadLetter = null;
     }
+    // Queued, parked, waiting, or left running by a dead process with its entry: claimed, it is
+    // not due again while this process works on it, and its parks so far are kept.
+    held.queued = await this.deps.store.getQueueEntry(runId);
+    if (
+      options.onlyIfDue &&
+      (run.status === RunStatus.queued || run.status === RunStatus.waiting) &&
+      (held.queued?.dueAt ?? Infinity) > this.deps.clock.now()
+    ) {
+      // Another worker parked it again since this one read the queue: not due, hand it back.
+      await held.release();
+      return this.result(held.run, await this.loadState(held.run));
+    }
     if (run.status === RunStatus.queued || run.status === RunStatus.waiting) {
       update.status = RunStatus.running;
-      held.queued = await this.deps.store.getQueueEntry(runId);
-      // Claimed: not due again while this process works on it.
-      if (held.queued) milestone.queue = { ...held.queued, dueAt: null };
     }
+    if (held.queued && held.queued.dueAt !== null)
+      milestone.queue = { ...held.queued, dueAt: null };
     if (Object.keys(update).length > 0 || milestone.queue || milestone.deadLetter === null)
       await held.commit(milestone, 'resume');
     this.deps.emit({ type: 'run-resumed', runId, workflow: run.workflow, cursor: run.cursor });
@@ -688,8 +703,10 @@ export class Engine {
     if (!held.signal.aborted || !(reason instanceof WorkerStopping)) return false;
     if (held.run.status !== RunStatus.running) return false;
     const now = this.deps.clock.now();
+    // A fresh hold on the same lease: the stopped one refuses to write.
+    const holder = new HeldRun(this.deps, held.run, held.workflow, held.epoch);
     try {
-      await held.commit(
+      await holder.commit(
         {
           run: { status: RunStatus.waiting, lease: null },
           queue: queueEntry(held, now, { reason: 'queued', dueAt: now, waitingSince: null }),
@@ -740,8 +757,10 @@ export class Engine {
           else report.other += 1;
         })
         .catch((error: unknown) => {
-          // Another worker got there first: not an error, the run is in hand.
+          // Another worker got there first (it holds the run, or has already finished it): not an
+          // error, the run is in hand.
           if (error instanceof LeaseError || isLeaseError(error)) return;
+          if (isKeelError(error) && error.code === ErrorCode.notResumable) return;
           if (signal?.aborted) return;
           report.errors += 1;
           this.deps.logger.error('worker: a run could not be carried on', {
@@ -768,22 +787,19 @@ export class Engine {
           if (active.has(entry.runId)) continue;
           if (await this.atLimit(entry.workflow, busy, activeFlows)) continue;
           activeFlows.set(entry.runId, entry.workflow);
-          launch(entry.runId, () => this.resume(entry.runId));
+          launch(entry.runId, () => this.resume(entry.runId, { onlyIfDue: true }));
         }
       }
       if (active.size < concurrency && now - lastScan >= scanEveryMs) {
         lastScan = now;
-        const abandoned = await store.listRuns({
-          status: [RunStatus.running, RunStatus.compensating],
-        });
-        for (const run of abandoned) {
-          if (active.size >= concurrency) break;
-          if (active.has(run.id) || this.leaseIsLive(run)) continue;
-          launch(run.id, () => this.resume(run.id));
-        }
+        await this.launchAbandoned(active, concurrency, launch);
       }
       const stats = await store.queueStats();
-      if (options.untilIdle && active.size === 0 && stats.nextDueAt === null) break;
+      if (options.untilIdle && active.size === 0 && stats.nextDueAt === null) {
+        // Before calling it a day, runs left running by dead processes are work too.
+        if (await this.launchAbandoned(active, concurrency, launch)) continue;
+        break;
+      }
       // Launched something: look again at once (more may be due). Otherwise sleep until the next
       // due time, a finished run, or the poll interval; a due time already past belongs to a run
       // in hand here or elsewhere, so it is no reason to look again at once.
@@ -810,6 +826,25 @@ export class Engine {
     }
     await this.drain(active, options.graceMs ?? 10_000);
     return report;
+  }
+
+  /** Launches runs left running or compensating by dead processes; true when it launched any. */
+  private async launchAbandoned(
+    active: Map<string, Promise<void>>,
+    concurrency: number,
+    launch: (runId: string, work: () => Promise<RunResult>) => void,
+  ): Promise<boolean> {
+    const abandoned = await this.deps.store.listRuns({
+      status: [RunStatus.running, RunStatus.compensating],
+    });
+    let launched = false;
+    for (const run of abandoned) {
+      if (active.size >= concurrency) break;
+      if (active.has(run.id) || this.leaseIsLive(run) || this.isHeldHere(run.id)) continue;
+      launch(run.id, () => this.resume(run.id));
+      launched = true;
+    }
+    return launched;
   }
 
   /**

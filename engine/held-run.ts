@@ -15,6 +15,8 @@ export class HeldRun {
   readonly epoch: number;
   /** Handlers given to `ctx.effect` in this process, by effect name, for an in-process rollback. */
   readonly inlineEffects = new Map<string, InlineCompensation>();
+  /** The failed attempts of steps under this hold, for a dead letter's history. */
+  readonly failures: { at: number; step: string; attempt: number; error: string }[] = [];
   /** The run's queue entry while it has one: its parks so far, and since when it waits. */
   queued: QueueEntry | undefined;
   private readonly controller = new AbortController();

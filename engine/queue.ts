@@ -88,16 +88,24 @@ export function parkEntry(
 
 /** The dead letter of a run that failed at `step`. */
 export function deadLetter(
-  held: Pick<HeldRun, 'run' | 'queued'>,
+  held: Pick<HeldRun, 'run' | 'queued' | 'failures'>,
   now: number,
   step: string,
   error: unknown,
   reason: DeadLetterReason,
   attempts: number,
 ): DeadLetter {
-  const history = JSON.parse(held.queued?.history ?? '[]') as unknown[];
+  // The parks (from the queue entry) and the failed attempts (this hold's), in time order; the
+  // last failed attempt is the one that ends the run.
+  const history = [
+    ...(JSON.parse(held.queued?.history ?? '[]') as { at: number }[]),
+    ...held.failures,
+  ].sort((a, b) => a.at - b.at) as unknown[];
   const message = String((error as Error)?.message ?? error).split('\n')[0]!;
-  history.push({ at: now, step, error: message, attempts });
+  const last = held.failures.at(-1);
+  if (!last || last.step !== step || last.error !== message) {
+    history.push({ at: now, step, attempt: attempts, error: message });
+  }
   return {
     runId: held.run.id,
     workflow: held.run.workflow,

@@ -144,6 +144,12 @@ async function runStep(ex: Execution, node: StepNode): Promise<void> {
       tracker.restart(false);
       if (held.signal.aborted || isLeaseError(thrown)) throw held.signal.reason ?? thrown;
       const error = explainStale(thrown, node.name, held.id);
+      held.failures.push({
+        at: deps.clock.now(),
+        step: node.name,
+        attempt,
+        error: String((error as Error)?.message ?? error).split('\n')[0]!,
+      });
       if (isCurable(error)) {
         // An outage: wait it out, without spending the step's attempts, up to the wait limit.
         const now = deps.clock.now();
@@ -390,7 +396,13 @@ function stepContext(
       Object.defineProperty(this, 'llm', { value: llm });
       return llm;
     },
-    checkpoint: () => serial(() => commitDraft({}, 'checkpoint')),
+    // A checkpoint is a milestone: a run asked to stop (cancelled, shutting down) stops here, with
+    // the progress it checkpointed saved.
+    checkpoint: () =>
+      serial(async () => {
+        await commitDraft({}, 'checkpoint');
+        held.signal.throwIfAborted();
+      }),
     sleep: (name: string, duration: Duration) =>
       serial(async () => {
         checkWaitName(name, 'ctx.sleep', held.id, step);

@@ -266,9 +266,9 @@ describe('dead letters', () => {
       droppedAt: null,
       error: { name: 'TerminalError', code: 'TERMINAL', message, step: 'post' },
     });
-    expect(letter.history).toEqual([
-      { at: letter.createdAt, step: 'post', error: message, attempts: 1 },
-    ]);
+    const history = letter.history as { at: number }[];
+    expect(history).toEqual([{ at: history[0]!.at, step: 'post', attempt: 1, error: message }]);
+    expect(history[0]!.at).toBeLessThanOrEqual(letter.createdAt);
     const run = await engine.get(runId);
     expect(run).toMatchObject({ status: 'failed', error: { code: 'TERMINAL', message } });
     expect(await store.getQueueEntry(runId)).toBeUndefined();
@@ -306,12 +306,14 @@ describe('dead letters', () => {
     expect(letter.createdAt).toBeGreaterThanOrEqual(started);
     expect(letter.createdAt).toBeLessThanOrEqual(ended);
     // Its last entry says how many attempts were spent, and when the step gave up.
-    expect(letter.history.at(-1)).toEqual({
-      at: letter.createdAt,
+    const last = letter.history.at(-1) as { at: number };
+    expect(last).toEqual({
+      at: last.at,
       step: 'flaky',
+      attempt: 2,
       error: 'the upstream is broken',
-      attempts: 2,
     });
+    expect(last.at).toBeLessThanOrEqual(letter.createdAt);
     const run = await engine.get(runId);
     expect(run).toMatchObject({ status: 'failed', cursor: 'flaky', error });
     expect(run.steps.map((s) => [s.name, s.status, s.attempts])).toEqual([
@@ -400,24 +402,33 @@ describe('dead letters', () => {
   it('keel dlq drop hides a letter from ls (ls --all shows it); unknown or dropped ids exit 2', async () => {
     const { dir, db, engine } = setup('dlq-drop');
     const { runId } = await engine.enqueue(rejected, { dir }, { module: FLAKY });
-    await engine.work({ untilIdle: true, pollMs: 50 });
+    writeFileSync(join(dir, 'broken'), '');
+    const kept = await engine.enqueue(flaky, { dir }, { module: FLAKY });
+    expect(await engine.work({ untilIdle: true, pollMs: 50 })).toEqual({
+      ...IDLE_REPORT,
+      failed: 2,
+    });
     const beforeDrop = Date.now();
     const dropped = await keel(['--db', db, 'dlq', 'drop', runId]);
     expect(dropped.code, dropped.stderr).toBe(0);
     expect(dropped.stdout).toBe(`dropped ${runId} from the dead-letter queue\n`);
 
-    const [listed, all, retryDropped, retryUnknown, dropUnknown, dropAgain] = await Promise.all([
-      keelJson<DeadLetterView[]>(['--db', db, 'dlq', 'ls']),
-      keelJson<DeadLetterView[]>(['--db', db, 'dlq', 'ls', '--all']),
-      keel(['--db', db, 'dlq', 'retry', runId]),
-      keel(['--db', db, 'dlq', 'retry', 'no-such-run']),
-      keel(['--db', db, 'dlq', 'drop', 'no-such-run']),
-      keel(['--db', db, 'dlq', 'drop', runId]),
-    ]);
-    expect(listed).toEqual([]);
-    expect(all).toHaveLength(1);
-    expect(all[0]).toMatchObject({ runId, reason: 'not_retryable', step: 'post' });
-    expect(all[0]!.droppedAt).toBeGreaterThanOrEqual(beforeDrop);
+    const [listed, all, retryDropped, retryUnknown, dropUnknown, dropAgain, retryNothing] =
+      await Promise.all([
+        keelJson<DeadLetterView[]>(['--db', db, 'dlq', 'ls']),
+        keelJson<DeadLetterView[]>(['--db', db, 'dlq', 'ls', '--all']),
+        keel(['--db', db, 'dlq', 'retry', runId]),
+        keel(['--db', db, 'dlq', 'retry', 'no-such-run']),
+        keel(['--db', db, 'dlq', 'drop', 'no-such-run']),
+        keel(['--db', db, 'dlq', 'drop', runId]),
+        keel(['--db', db, 'dlq', 'retry']),
+      ]);
+    expect(listed.map((d) => d.runId)).toEqual([kept.runId]);
+    expect(all.map((d) => d.runId).sort()).toEqual([runId, kept.runId].sort());
+    const droppedLetter = all.find((d) => d.runId === runId)!;
+    expect(droppedLetter).toMatchObject({ reason: 'not_retryable', step: 'post' });
+    expect(droppedLetter.droppedAt).toBeGreaterThanOrEqual(beforeDrop);
+    expect(all.find((d) => d.runId === kept.runId)!.droppedAt).toBeNull();
     for (const [result, id] of [
       [retryDropped, runId],
       [retryUnknown, 'no-such-run'],
@@ -428,7 +439,15 @@ describe('dead letters', () => {
       expect(result.stderr).toContain(`keel: Run "${id}" is not in the dead-letter queue.`);
       expect(result.stderr).toContain('List dead letters with `keel dlq ls`.');
     }
-    // The run itself stays failed, untouched by the refused retry.
+    expect(retryNothing.code).toBe(2);
+    expect(retryNothing.stderr).toContain('keel: Give a run id, or --all.');
+    // The dropped run itself stays failed, untouched by the refused retry.
+    expect((await engine.get(runId)).status).toBe('failed');
+
+    // --all queues again every letter still listed, and not the dropped one.
+    const retried = await keelJson<{ retried: string[] }>(['--db', db, 'dlq', 'retry', '--all']);
+    expect(retried).toEqual({ retried: [kept.runId] });
+    expect((await engine.get(kept.runId)).status).toBe('waiting');
     expect((await engine.get(runId)).status).toBe('failed');
   });
 });

@@ -221,12 +221,10 @@ export function formatDeadLetter(d: DeadLetterView): string {
     step: string;
     error: string;
     waitMs?: number;
-    attempts?: number;
+    attempt?: number;
   }[]) {
     const what =
-      h.waitMs !== undefined
-        ? `parked ${h.waitMs} ms`
-        : `failed after ${h.attempts ?? '?'} attempt(s)`;
+      h.waitMs !== undefined ? `parked ${h.waitMs} ms` : `attempt ${h.attempt ?? '?'} failed`;
     lines.push(`  ${new Date(h.at).toISOString()}  ${h.step}  ${what}: ${h.error}`);
   }
   lines.push(

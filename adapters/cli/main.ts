@@ -399,6 +399,7 @@ function program(): Command {
       ) => {
         const c = cli(command);
         const input = parseInput(opts.input);
+        const delay = opts.delay !== undefined ? durationArg(opts.delay) : undefined;
         const wf = await loadWorkflow(file, opts.workflow);
         const engine = c.open(false);
         return run(c, async () => {
@@ -406,7 +407,7 @@ function program(): Command {
             module: resolve(file),
             ...(opts.priority !== undefined ? { priority: opts.priority } : {}),
             ...(opts.key !== undefined ? { key: opts.key } : {}),
-            ...(opts.delay !== undefined ? { delay: durationArg(opts.delay) } : {}),
+            ...(delay !== undefined ? { delay } : {}),
           });
           c.print(
             queued.created
