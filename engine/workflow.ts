@@ -152,6 +152,11 @@ export type WorkflowOptions = {
    * runs held by live processes); unlimited when absent.
    */
   concurrency?: number;
+  /**
+   * `false` keeps the offline degraded tier from answering this workflow's LLM calls: with every
+   * real tier down they fail (and under a worker the run waits) rather than finish degraded.
+   */
+  degraded?: boolean;
   /** Roll back completed effects on its own when the run fails (default false). */
   rollbackOnFailure?: boolean;
   description?: string;

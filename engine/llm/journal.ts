@@ -99,6 +99,8 @@ export type JournalScope = {
 export function journaledLlm(scope: JournalScope): LlmCall {
   const { deps, held, step, stepIndex } = scope;
   let next = 0;
+  // A workflow may refuse the offline tier: with every real tier down, its runs wait instead.
+  const callOptions = held.workflow.options.degraded === false ? { degraded: false } : {};
 
   /** The recorded answer at `position`, if the step got one before. */
   const recorded = async (position: number, hash: string) => {
@@ -244,7 +246,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
     const started = performance.now();
     let routed: RoutedResponse;
     try {
-      routed = await router.complete(request, held.signal);
+      routed = await router.complete(request, held.signal, callOptions);
     } catch (error) {
       await recordFailure(position, hash, false, error, row);
       throw error;
@@ -267,7 +269,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
         const router = await scope.router();
         const started = performance.now();
         try {
-          for await (const event of router.stream(request, held.signal)) {
+          for await (const event of router.stream(request, held.signal, callOptions)) {
             if (event.type !== 'done') {
               yield event;
               continue;

@@ -125,17 +125,28 @@ export type RouterOptions = {
 
 export type RoutedResponse = LlmResponse & { attempts: Attempt[] };
 
+/** Per call: `degraded: false` leaves the offline tier out (the call fails, or parks, instead). */
+export type CallOptions = { degraded?: boolean };
+
 export type RoutedStreamEvent =
   Exclude<LlmStreamEvent, { type: 'done' }> | { type: 'done'; response: RoutedResponse };
 
 export type Router = {
   readonly tiers: readonly RouterTier[];
-  complete(request: LlmRequest, signal?: AbortSignal): Promise<RoutedResponse>;
+  complete(
+    request: LlmRequest,
+    signal?: AbortSignal,
+    options?: CallOptions,
+  ): Promise<RoutedResponse>;
   /**
    * Text as it arrives. A failure before the first token moves on transparently; a failure after
    * it yields a `restart` event before the next tier's answer, which starts from its beginning.
    */
-  stream(request: LlmRequest, signal?: AbortSignal): AsyncIterable<RoutedStreamEvent>;
+  stream(
+    request: LlmRequest,
+    signal?: AbortSignal,
+    options?: CallOptions,
+  ): AsyncIterable<RoutedStreamEvent>;
   /** Breakers as this router last saw them. */
   breakers(): Record<string, BreakerState>;
   /** Tiers found misconfigured (`auth`, `not_found`), in tier order. */
@@ -521,6 +532,7 @@ export function createRouter(options: RouterOptions): Router {
     request: LlmRequest,
     signal: AbortSignal | undefined,
     emit: ((event: Exclude<LlmStreamEvent, { type: 'done' }>) => void) | undefined,
+    callOptions: CallOptions = {},
   ): Promise<RoutedResponse> {
     // Plain calls stream too, where the provider can: then the connect, first-token and idle
     // timeouts guard them as well, instead of a body that gives no sign of life until complete.
@@ -528,7 +540,9 @@ export function createRouter(options: RouterOptions): Router {
     const token = `${clock.now()}:${random().toString(36).slice(2)}`;
     const attempts: Attempt[] = [];
     /** Tiers this call will not use again. */
-    const excluded = new Set<string>();
+    const excluded = new Set<string>(
+      callOptions.degraded === false ? tiers.filter(isDegraded).map((t) => t.name) : [],
+    );
     let launched = 0;
     let cursor = 0;
     let pendingWait = 0;
@@ -771,6 +785,7 @@ export function createRouter(options: RouterOptions): Router {
   async function* stream(
     request: LlmRequest,
     signal?: AbortSignal,
+    callOptions?: CallOptions,
   ): AsyncGenerator<RoutedStreamEvent> {
     // The route runs on its own; its events queue here until the consumer pulls them.
     const controller = new AbortController();
@@ -784,7 +799,7 @@ export function createRouter(options: RouterOptions): Router {
       queue.push(event);
       wake?.();
     };
-    route(request, controller.signal, push).then(
+    route(request, controller.signal, push, callOptions).then(
       (response) => {
         push({ type: 'done', response });
         finished = true;
@@ -820,7 +835,7 @@ export function createRouter(options: RouterOptions): Router {
 
   return {
     tiers,
-    complete: (request, signal) => route(request, signal, undefined),
+    complete: (request, signal, callOptions) => route(request, signal, undefined, callOptions),
     stream,
     breakers: () =>
       Object.fromEntries(
