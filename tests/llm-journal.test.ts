@@ -251,7 +251,7 @@ describe('ctx.llm.stream', () => {
     const result = await engine.start(streaming, {});
     expect(result.status).toBe('completed');
     // The first attempt's state was discarded with its failure; the retry's replay is one piece.
-    expect((result.state).events).toEqual([['streamed words', 'done']]);
+    expect(result.state.events).toEqual([['streamed words', 'done']]);
     expect(primary.requests).toHaveLength(1);
     const [call] = (await engine.get(result.id)).llmCalls;
     expect([call!.streamed, call!.replayed, call!.tier]).toEqual([true, true, 'primary']);
