@@ -57,3 +57,4 @@ export { FailureClass } from './llm/types.ts';
 export type { EnqueueOptions, WorkOptions, WorkReport } from './engine.ts';
 export { WorkerStopping } from './engine.ts';
 export type { DeadLetterView } from './engine.ts';
+export { stem, textTerms } from './llm/degraded.ts';

@@ -4,6 +4,7 @@
  * same documents and topic give the same brief on every run, which keeps the publish key stable.
  */
 import { createHash } from 'node:crypto';
+import { textTerms as tokenize } from 'keel';
 
 /** A paragraph (or list item) of a Markdown file, with where it came from. */
 export type Passage = {
@@ -85,57 +86,12 @@ export const DUPLICATE_THRESHOLD = 0.8;
 /** Sentences shorter than this many words are headings or fragments, not findings. */
 const MIN_SENTENCE_WORDS = 4;
 
-const STOPWORDS = new Set(
-  (
-    'a about after all also an and any are as at be been before being but by can could did do ' +
-    'does doing done down each every for from had has have he her here him his how i if in into ' +
-    'is it its just may me might more most must my no not of off on one only onto or other our ' +
-    'out over own same she should so some such than that the their them then there these they ' +
-    'this those to too under up us very was we were what when where which while who whom whose ' +
-    'why will with would you your'
-  ).split(' '),
-);
-
-/** Whether the stem left after removing a suffix still has a vowel, i.e. is still a word. */
-const hasVowel = (stem: string) => /[aeiouy]/.test(stem);
-
-/** "stopp" -> "stop", but "call" and "pass" keep their double letter, as does a short stem. */
-function undouble(stem: string): string {
-  const last = stem.at(-1);
-  const doubled = last !== undefined && last === stem.at(-2) && !'aeiouylsz'.includes(last);
-  return doubled && stem.length > 3 ? stem.slice(0, -1) : stem;
-}
-
 /**
- * Light suffix stripping, enough for "resumes", "resumed" and "resuming" to meet "resume". It is
- * not a real stemmer: it only needs to be consistent, as topic and documents go through the same
- * one.
+ * Words as terms: lowercased, stemmed ("resumes", "resumed" and "resuming" meet "resume"),
+ * stopwords left out. The same rules as the engine's offline LLM tier, so that the two agree on
+ * what a sentence is about.
  */
-export function stem(word: string): string {
-  let w = word;
-  if (w.length > 4 && /ie[sd]$/.test(w)) return `${w.slice(0, -3)}y`;
-  if (w.length > 5 && w.endsWith('ing') && hasVowel(w.slice(0, -3))) {
-    w = undouble(w.slice(0, -3));
-  } else if (w.length > 4 && w.endsWith('ed') && !w.endsWith('eed') && hasVowel(w.slice(0, -2))) {
-    w = undouble(w.slice(0, -2));
-  } else if (w.length > 3 && w.endsWith('s') && !/(ss|us|is)$/.test(w)) {
-    w = w.slice(0, -1);
-  }
-  if (w.length > 4 && w.endsWith('e')) w = w.slice(0, -1);
-  return w;
-}
-
-/** Lowercased, stemmed word tokens of `text`, stopwords and one-letter words left out. */
-export function tokenize(text: string): string[] {
-  const words = text
-    .normalize('NFKD')
-    .replace(/[\u0300-\u036f]/g, '')
-    .toLowerCase()
-    .replace(/['\u2019]/g, '')
-    .split(/[^a-z0-9]+/);
-  return words.filter((w) => w.length > 1 && !STOPWORDS.has(w)).map(stem);
-}
-
+export { stem, textTerms as tokenize } from 'keel';
 /** The distinct terms of a topic, in order of first appearance. */
 export function topicTerms(topic: string): string[] {
   return [...new Set(tokenize(topic))];

@@ -57,7 +57,7 @@ function undouble(stem: string): string {
  * Light suffix stripping, so that "resumes", "resumed" and "resuming" meet "resume". Not a real
  * stemmer: it only has to be consistent, since the question and the material go through it alike.
  */
-function stem(word: string): string {
+export function stem(word: string): string {
   let w = word;
   if (w.length > 4 && /ie[sd]$/.test(w)) return `${w.slice(0, -3)}y`;
   if (w.length > 5 && w.endsWith('ing') && hasVowel(w.slice(0, -3))) {
