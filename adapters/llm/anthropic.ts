@@ -13,7 +13,7 @@ import {
   scrubSecrets,
   truncatedFailure,
 } from './provider-error.ts';
-import Anthropic from '@anthropic-ai/sdk';
+import type Anthropic from '@anthropic-ai/sdk';
 import type {
   ContentBlockParam,
   MessageCreateParamsNonStreaming,
@@ -37,6 +37,20 @@ import type {
 /** A provider failure with the wire details in `failure`. */
 
 export { ProviderError };
+
+type AnthropicSdk = typeof import('@anthropic-ai/sdk').default;
+
+/**
+ * The SDK, loaded on the first call: it takes about half a second to load, which every `keel`
+ * command would otherwise pay, whether or not it calls a model. Errors are classified only after a
+ * call, so by then it is here.
+ */
+let sdk: AnthropicSdk | undefined;
+
+async function loadSdk(): Promise<AnthropicSdk> {
+  sdk ??= (await import('@anthropic-ai/sdk')).default;
+  return sdk;
+}
 
 export type AnthropicProviderOptions = {
   apiKey: string;
@@ -217,6 +231,11 @@ export function toProviderFailure(err: unknown, apiKey: string): ProviderFailure
 
 function describeFailure(err: unknown): ProviderFailure {
   const message = err instanceof Error ? err.message : String(err);
+  const Anthropic = sdk;
+  if (!Anthropic) {
+    const code = networkCode(err);
+    return { kind: 'network', ...(code === undefined ? {} : { code }), message };
+  }
   if (err instanceof Anthropic.APIUserAbortError) {
     return { kind: 'network', code: 'ABORT_ERR', message };
   }
@@ -357,8 +376,9 @@ class MessageAssembler {
 
 /** What went wrong while reading a stream: an error event, or the connection. */
 function streamFailure(err: unknown, textChars: number, apiKey: string): ProviderFailure {
+  const Anthropic = sdk;
   const failure =
-    err instanceof Anthropic.APIError && !(err instanceof Anthropic.APIConnectionError)
+    Anthropic && err instanceof Anthropic.APIError && !(err instanceof Anthropic.APIConnectionError)
       ? errorEventFailure(err.error, textChars)
       : midStreamFailure(err, textChars);
   return scrubSecrets(failure, apiKey);
@@ -370,7 +390,7 @@ function streamFailure(err: unknown, textChars: number, apiKey: string): Provide
  * `truncated` failure instead of an answer; an abort rethrows the signal's reason.
  */
 async function* streamMessage(
-  client: Anthropic,
+  client: () => Promise<Anthropic>,
   options: AnthropicProviderOptions,
   request: LlmRequest,
   signal: AbortSignal | undefined,
@@ -381,7 +401,9 @@ async function* streamMessage(
   const started = performance.now();
   let events: AsyncIterable<RawMessageStreamEvent>;
   try {
-    events = await client.messages.create(
+    events = await (
+      await client()
+    ).messages.create(
       { ...params, stream: true },
       {
         ...(signal ? { signal } : {}),
@@ -413,15 +435,20 @@ async function* streamMessage(
 
 export function anthropicProvider(options: AnthropicProviderOptions): AnthropicProvider {
   requirePositive('connectTimeoutMs', options.connectTimeoutMs, 'milliseconds');
-  const client = new Anthropic({
-    apiKey: options.apiKey,
-    baseURL: options.baseURL,
-    maxRetries: 0,
-    // The SDK's own debug log (ANTHROPIC_LOG / OPENAI_LOG) prints error bodies, which may echo the
-    // key: keel reports failures itself, scrubbed.
-    logLevel: 'off',
-    ...(options.timeoutMs === undefined ? {} : { timeout: options.timeoutMs }),
-  });
+  let made: Promise<Anthropic> | undefined;
+  const client = () =>
+    (made ??= loadSdk().then(
+      (Anthropic) =>
+        new Anthropic({
+          apiKey: options.apiKey,
+          baseURL: options.baseURL,
+          maxRetries: 0,
+          // The SDK's own debug log (ANTHROPIC_LOG / OPENAI_LOG) prints error bodies, which may echo
+          // the key: keel reports failures itself, scrubbed.
+          logLevel: 'off',
+          ...(options.timeoutMs === undefined ? {} : { timeout: options.timeoutMs }),
+        }),
+    ));
   return {
     name: 'anthropic',
     model: options.model,
@@ -430,7 +457,9 @@ export function anthropicProvider(options: AnthropicProviderOptions): AnthropicP
       const params = toAnthropicParams(request, options.model);
       const started = performance.now();
       try {
-        const message = await client.messages.create(params, signal ? { signal } : undefined);
+        const message = await (
+          await client()
+        ).messages.create(params, signal ? { signal } : undefined);
         const latencyMs = Math.round(performance.now() - started);
         return fromAnthropicMessage(message as unknown as AnthropicMessageLike, latencyMs, {
           json: request.json === true,
