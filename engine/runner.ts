@@ -449,7 +449,7 @@ function stepContext(
         const now = deps.clock.now();
         const known = await deps.store.getWait(held.id, name);
         if (known && known.kind !== 'signal') throw waitKindClash(held.id, step, name);
-        if (known?.status === 'fired') return decodePayload<T>(known.payload);
+        if (known?.status === 'fired') return decodePayload<T>(deps, known.payload);
         const wait: WaitRecord = known ?? {
           runId: held.id,
           name,
@@ -473,7 +473,7 @@ function stepContext(
             },
             'wait',
           );
-          return decodePayload<T>(signal.payload);
+          return decodePayload<T>(deps, signal.payload);
         }
         if (wait.dueAt !== null && wait.dueAt <= now) {
           await held.commit({ wait: { ...wait, status: 'timed_out', firedAt: now } }, 'wait');
@@ -488,12 +488,13 @@ function stepContext(
           name,
           held.id,
         );
-        held.inlineEffects.set(name, effect as InlineEffect<unknown, unknown>);
+        const spec = withRegistered(effect as InlineEffect<unknown, unknown>, held, name);
+        held.inlineEffects.set(name, spec);
         const outcome = await performEffect(deps, held, {
           name,
           step,
           key,
-          effect: effect as InlineEffect<unknown, unknown>,
+          effect: spec,
           state: root,
           nextOrder: () => ++ex.effectOrder,
         });
@@ -510,6 +511,30 @@ function stepContext(
   return ctx;
 }
 
+/**
+ * An inline effect with what `.compensation(name, ...)` registered on the workflow for it, where
+ * the call itself gave none: the process that ran the effect must compensate it exactly as another
+ * process would, which finds only the registered one.
+ */
+function withRegistered(
+  effect: InlineEffect<unknown, unknown>,
+  held: HeldRun,
+  name: string,
+): InlineEffect<unknown, unknown> {
+  const registered = held.workflow.effectHandlers(name);
+  if (!registered || effect.compensate) return effect;
+  const merged: InlineEffect<unknown, unknown> = { ...effect };
+  if (registered.compensate) merged.compensate = registered.compensate;
+  if (registered.compensateRetry && !effect.compensateRetry) {
+    merged.compensateRetry = registered.compensateRetry;
+  }
+  if (registered.reconcile && !effect.reconcile) merged.reconcile = registered.reconcile;
+  if (registered.idempotent !== undefined && effect.idempotent === undefined) {
+    merged.idempotent = registered.idempotent;
+  }
+  return merged;
+}
+
 function waitKindClash(runId: string, step: string, name: string): DefinitionError {
   return new DefinitionError(
     `The wait name "${name}" is used both by ctx.sleep and by ctx.waitFor in run ${runId}.`,
@@ -517,8 +542,8 @@ function waitKindClash(runId: string, step: string, name: string): DefinitionErr
   );
 }
 
-const decodePayload = <T>(payload: string | null): T =>
-  (payload === null ? undefined : decode(payload)) as T;
+const decodePayload = <T>(deps: EngineDeps, payload: string | null): T =>
+  (payload === null ? undefined : decode(payload, { secrets: deps.secrets })) as T;
 
 /** Where the run goes after `from`, checked against the graph. */
 function decide(ex: Execution, from: string, state: unknown): string {

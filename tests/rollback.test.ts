@@ -387,4 +387,21 @@ describe('rollback of effects started with ctx.effect', () => {
     ]);
     expect(statuses(view)).toEqual({ registered: 'compensated', unregistered: 'compensated' });
   });
+
+  it('in the process that ran it, a ctx.effect with no inline compensate is undone by the compensation registered on the workflow, as in any other process', async () => {
+    const t = setup();
+    const run = await keel(
+      ['--db', t.db, 'run', INLINE, '--input', '{"tag":"t3","got":[]}', '--json'],
+      { env: { ...t.env, RB_AUTO: '1', RB_REGISTERED_ONLY: '1' } },
+    );
+    const view = parse(run);
+    expect(view.status).toBe('rolled_back');
+    expect(t.calls()).toEqual([
+      'apply registered registered:t3',
+      'apply unregistered unregistered:t3',
+      'inline-compensate unregistered compensate:unregistered:t3 unregistered-receipt',
+      'workflow-compensate registered compensate:registered:t3 registered-receipt',
+    ]);
+    expect(statuses(view)).toEqual({ registered: 'compensated', unregistered: 'compensated' });
+  });
 });
