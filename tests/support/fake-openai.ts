@@ -72,7 +72,7 @@ export type FakeOpenAI = {
   /** Queues responses; each request takes the next one, or the default answer when none is left. */
   script(...responses: FakeOpenAIResponse[]): void;
   /** Answers every request the script does not cover (the default answer when unset). */
-  otherwise(answer: (() => FakeOpenAIResponse) | undefined): void;
+  otherwise(answer: ((request: FakeOpenAIRequest) => FakeOpenAIResponse) | undefined): void;
   /** Connections that carried a request and are still open (kept-alive ones included). */
   openSockets(): number;
   close(): Promise<void>;
@@ -82,7 +82,7 @@ export const DEFAULT_ANSWER = 'default answer';
 
 export async function startFakeOpenAI(): Promise<FakeOpenAI> {
   const queue: FakeOpenAIResponse[] = [];
-  let fallback: (() => FakeOpenAIResponse) | undefined;
+  let fallback: ((request: FakeOpenAIRequest) => FakeOpenAIResponse) | undefined;
   const requests: FakeOpenAIRequest[] = [];
   const timers = new Set<NodeJS.Timeout>();
   let counter = 0;
@@ -114,7 +114,8 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
     for (const [k, v] of Object.entries(req.headers)) {
       if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
     }
-    requests.push({ method: req.method ?? '', path: req.url ?? '', body, headers });
+    const request: FakeOpenAIRequest = { method: req.method ?? '', path: req.url ?? '', body, headers };
+    requests.push(request);
 
     if (req.method !== 'POST' || req.url !== '/v1/chat/completions') {
       sendJson(res, 404, {
@@ -122,7 +123,7 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
       });
       return;
     }
-    const r = queue.shift() ?? fallback?.() ?? { text: DEFAULT_ANSWER };
+    const r = queue.shift() ?? fallback?.(request) ?? { text: DEFAULT_ANSWER };
     if (r.reset) {
       req.socket.resetAndDestroy();
       return;

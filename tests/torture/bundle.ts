@@ -1,0 +1,30 @@
+/**
+ * Bundles ./child.ts and everything it imports (keel's engine and adapters, the SDK it calls, the
+ * torture workflows) into one ES module under node_modules/.cache, where the packages left out of
+ * the bundle (the native better-sqlite3, the Anthropic SDK that loads on first use) still resolve.
+ */
+import { build } from 'esbuild';
+import { join } from 'node:path';
+import { ROOT } from '../support/index.ts';
+
+export async function bundleChild(): Promise<string> {
+  // One file per harness process, so that two tortures at once never read each other's half-written
+  // bundle; the harness removes it when it is done.
+  const outfile = join(ROOT, 'node_modules', '.cache', 'keel-torture', `child-${process.pid}.mjs`);
+  await build({
+    entryPoints: [join(ROOT, 'tests', 'torture', 'child.ts')],
+    outfile,
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    alias: { keel: join(ROOT, 'adapters', 'index.ts') },
+    external: ['better-sqlite3', '@anthropic-ai/sdk'],
+    // Packages written as CommonJS call require(); an ES module has none of its own.
+    banner: {
+      js: "import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);",
+    },
+    logLevel: 'error',
+  });
+  return outfile;
+}
