@@ -11,6 +11,7 @@ import { Engine, type EngineOptions } from '../engine/engine.ts';
 import { InputError } from '../engine/errors.ts';
 import { createRouter, type Router } from '../engine/llm/router.ts';
 import type { TierStateStore } from '../engine/llm/tier-state.ts';
+import { parseSecretKey, type Keyring, type SecretKey } from '../engine/secret.ts';
 import { systemClock, type Clock } from '../engine/time.ts';
 import {
   buildTiers,
@@ -35,8 +36,17 @@ export { anthropicProvider } from './llm/anthropic.ts';
 export { openaiProvider, PRESETS, presetOptions } from './llm/openai.ts';
 export { buildTiers, loadLlmConfig, type LlmConfig, type TierConfig } from './llm/config.ts';
 export { degradedProvider } from '../engine/llm/degraded.ts';
+export {
+  secret,
+  Secret,
+  isSecret,
+  newSecretKey,
+  parseSecretKey,
+  type Keyring,
+  type SecretKey,
+} from '../engine/secret.ts';
 
-export type OpenEngineOptions = Omit<EngineOptions, 'store' | 'host' | 'llm'> &
+export type OpenEngineOptions = Omit<EngineOptions, 'store' | 'host' | 'llm' | 'secrets'> &
   SqliteOptions & {
     /** Path of the SQLite database (default `KEEL_DB`, else `.keel/keel.db`); created if missing. */
     db?: string;
@@ -47,6 +57,13 @@ export type OpenEngineOptions = Omit<EngineOptions, 'store' | 'host' | 'llm'> &
      * from the environment (ANTHROPIC_API_KEY, OPENAI_API_KEY, a local server, the offline tier).
      */
     llm?: LlmConfig | Router | ((states: TierStateStore) => Router | Promise<Router>);
+    /**
+     * The key `secret(...)` values are encrypted with: 32 bytes as base64 or 64 hex digits, as
+     * `keel keygen` prints (default `KEEL_SECRET_KEY`). Keys are read, never stored.
+     */
+    secretKey?: string;
+    /** Earlier keys, to read secrets they wrote (default `KEEL_SECRET_KEYS_OLD`, comma-separated). */
+    oldSecretKeys?: string[];
   };
 
 export const DEFAULT_DB = '.keel/keel.db';
@@ -60,8 +77,12 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
     migrationsFolder,
     integrityCheck,
     llm,
+    secretKey,
+    oldSecretKeys,
     ...engineOptions
   } = options;
+  // A malformed key is refused before the database is touched, never ignored.
+  const secrets = keyringFrom(secretKey, oldSecretKeys);
   const sqlite: SqliteOptions = {};
   if (synchronous) sqlite.synchronous = synchronous;
   const busy = busyTimeoutMs ?? envMs('KEEL_BUSY_TIMEOUT_MS');
@@ -89,7 +110,27 @@ export function openEngine(options: OpenEngineOptions = {}): Engine {
       ),
     store,
     host: localHost,
+    secrets,
   });
+}
+
+/** The secret keys: given, else from KEEL_SECRET_KEY and KEEL_SECRET_KEYS_OLD. */
+function keyringFrom(secretKey: string | undefined, oldSecretKeys: string[] | undefined): Keyring {
+  const env = process.env;
+  const current =
+    secretKey !== undefined
+      ? parseSecretKey(secretKey, 'openEngine({ secretKey })')
+      : env.KEEL_SECRET_KEY
+        ? parseSecretKey(env.KEEL_SECRET_KEY, 'KEEL_SECRET_KEY')
+        : null;
+  const old: SecretKey[] =
+    oldSecretKeys !== undefined
+      ? oldSecretKeys.map((k, i) => parseSecretKey(k, `openEngine({ oldSecretKeys })[${i}]`))
+      : (env.KEEL_SECRET_KEYS_OLD ?? '')
+          .split(',')
+          .filter((k) => k.trim() !== '')
+          .map((k, i) => parseSecretKey(k, `key ${i + 1} of KEEL_SECRET_KEYS_OLD`));
+  return { current, old };
 }
 
 const isRouter = (value: unknown): value is Router =>

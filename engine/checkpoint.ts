@@ -23,12 +23,21 @@ export function stateMilestone(
 ): Pick<Milestone, 'checkpoint' | 'run'> {
   if (patches.length === 0) return { run: {} };
   const seq = run.seq + 1;
-  const data = encodePatches(patches);
+  let data: string;
+  try {
+    data = encodePatches(patches, deps.secrets);
+  } catch (error) {
+    // A patch's path names a Map entry by its bare key, as if it were a field: encoding the whole
+    // state names the path of the bad value exactly (`state.m.get("k").a`, not `state.m.k.a`).
+    encode(next, { secrets: deps.secrets });
+    throw error;
+  }
   const tail = run.patchBytes + data.length;
   const needsSnapshot =
     run.patchCount + 1 >= deps.snapshotEvery ||
     tail > Math.max(run.snapshotBytes, MIN_TAIL_BYTES) ||
-    run.snapshotBytes + tail > deps.maxStateBytes;
+    run.snapshotBytes + tail > deps.maxStateBytes ||
+    !replayable(patches, data);
   if (!needsSnapshot) {
     return {
       checkpoint: record(run.id, seq, 'patch', step, data, deps.clock.now()),
@@ -42,9 +51,27 @@ export function stateMilestone(
   };
 }
 
+/**
+ * Whether immer can apply these patches, once decoded, to the decoded state and get the state they
+ * came from. It cannot when a patch names a Map entry by a key that is neither a string nor a number
+ * (the decoded key is another object, and keys on the way are turned into strings), removes an
+ * object from a Set (looked up by identity), passes a key named `constructor` (refused) or carries a
+ * key named `__proto__` (copying it sets a prototype instead). Such a milestone writes a snapshot.
+ */
+function replayable(patches: readonly Patch[], data: string): boolean {
+  if (data.includes('"__proto__"')) return false;
+  return patches.every(
+    (patch) =>
+      !(patch.op === 'remove' && typeof patch.value === 'object' && patch.value !== null) &&
+      patch.path.every(
+        (key) => typeof key === 'number' || (typeof key === 'string' && key !== 'constructor'),
+      ),
+  );
+}
+
 /** Encodes a whole state, refusing one over the configured limit. */
 export function snapshotData(deps: EngineDeps, runId: string, step: string | null, state: object) {
-  const data = encode(state);
+  const data = encode(state, { secrets: deps.secrets });
   if (data.length > deps.maxStateBytes) {
     const mb = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MB`;
     throw new StateError(

@@ -2,6 +2,7 @@
 import type { Router } from './llm/router.ts';
 import type { ParkPolicy } from './queue.ts';
 import type { Logger } from './logger.ts';
+import type { Keyring } from './secret.ts';
 import type { Store, RunRecord } from './store.ts';
 import type { Clock } from './time.ts';
 import type { Workflow } from './workflow.ts';
@@ -75,4 +76,6 @@ export type EngineDeps = {
   park: ParkPolicy;
   /** The LLM router behind `ctx.llm`, built on first use. */
   llm: () => Promise<Router>;
+  /** The keys secrets are encrypted and decrypted with. */
+  secrets: Keyring;
 };

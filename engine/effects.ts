@@ -15,8 +15,10 @@ import type { EngineDeps } from './deps.ts';
 import {
   DefinitionError,
   EffectOutcomeUnknownError,
+  ErrorCode,
   StateError,
   StepFailedError,
+  hasCode,
   isTerminalError,
   serializeError,
 } from './errors.ts';
@@ -72,7 +74,9 @@ export async function performEffect(
     );
   }
   if (existing?.status === EffectStatus.done || existing?.status === EffectStatus.reconciled) {
-    return { result: existing.result === null ? undefined : decode(existing.result), record: null };
+    const result =
+      existing.result === null ? undefined : decode(existing.result, { secrets: deps.secrets });
+    return { result, record: null };
   }
   if (
     existing &&
@@ -125,7 +129,7 @@ export async function performEffect(
         signal: held.signal,
       });
       crashPoint('effect:after-run');
-      return { result, record: doneRecord(base, attempts, result, call, clock.now()) };
+      return { result, record: doneRecord(deps, base, attempts, result, call) };
     } catch (error) {
       if (held.signal.aborted) throw held.signal.reason;
       const failed = { ...base, attempts, error: JSON.stringify(serializeError(error)) };
@@ -138,9 +142,14 @@ export async function performEffect(
         if (checked.applied) {
           return {
             result: checked.result,
-            record: doneRecord(base, attempts, checked.result, call, clock.now(), true),
+            record: doneRecord(deps, base, attempts, checked.result, call, true),
           };
         }
+      }
+      if (hasCode(error, ErrorCode.secretKeyMissing)) {
+        // Its result holds a secret and no key is set: running it again would only repeat that.
+        await held.commit({ effect: { ...failed, status: EffectStatus.failed } }, 'effect-record');
+        throw error;
       }
       if (attempt >= retry.attempts || isTerminalError(error)) {
         await held.commit({ effect: { ...failed, status: EffectStatus.failed } }, 'effect-record');
@@ -174,7 +183,7 @@ async function recoverInFlight(
   if (reconcile) {
     const checked = await reconcile(call.key);
     if (checked.applied) {
-      const record = doneRecord(base, base.attempts, checked.result, call, deps.clock.now(), true);
+      const record = doneRecord(deps, base, base.attempts, checked.result, call, true);
       return { result: checked.result, record };
     }
     return null;
@@ -192,17 +201,29 @@ async function recoverInFlight(
 }
 
 function doneRecord(
+  deps: EngineDeps,
   base: EffectRecord,
   attempts: number,
   result: unknown,
   call: EffectCall,
-  now: number,
   reconciled = false,
 ): EffectRecord {
   let encoded: string;
   try {
-    encoded = encode(result);
+    encoded = encode(result, { secrets: deps.secrets });
   } catch (error) {
+    if (hasCode(error, ErrorCode.secretKeyMissing)) {
+      throw new StateError(
+        `Effect "${call.name}" (key "${call.key}") returned a secret, and no key is set to encrypt it; its result was not recorded.`,
+        {
+          code: ErrorCode.secretKeyMissing,
+          runId: base.runId,
+          step: call.step,
+          cause: error,
+          hint: (error as StateError).hint ?? '',
+        },
+      );
+    }
     throw new StateError(
       `Effect "${call.name}" (key "${call.key}") returned a result keel cannot record: ${(error as Error).message}`,
       {
@@ -219,7 +240,7 @@ function doneRecord(
     attempts,
     result: encoded,
     error: null,
-    completedAt: now,
+    completedAt: deps.clock.now(),
     completionOrder: call.nextOrder(),
   };
 }

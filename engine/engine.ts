@@ -23,6 +23,7 @@ import { queueEntry } from './queue.ts';
 import { lazyRouter, type LlmSource } from './llm/journal.ts';
 import { silentLogger, type Logger } from './logger.ts';
 import { rollbackHeld, type RollbackReport } from './rollback.ts';
+import { EMPTY_KEYRING, type Keyring } from './secret.ts';
 import { execute, type Execution } from './runner.ts';
 import { StateTracker, replay, type Draftable } from './state.ts';
 import {
@@ -68,6 +69,11 @@ export type EngineOptions = {
   /** Backoff of the parks of a run waiting out an LLM outage: first ceiling, and the cap. */
   parkBackoffMs?: number;
   maxParkBackoffMs?: number;
+  /**
+   * The keys that `secret(...)` values are encrypted with (the current one) and read back with (it,
+   * and the old ones). Without a current key, storing a secret fails.
+   */
+  secrets?: Keyring;
 };
 
 export type StartOptions = {
@@ -195,6 +201,7 @@ export class Engine {
         parkBackoffMs: options.parkBackoffMs ?? 1_000,
         maxParkBackoffMs: options.maxParkBackoffMs ?? 300_000,
       },
+      secrets: options.secrets ?? EMPTY_KEYRING,
     };
     this.owner = `${options.host.name}:${options.host.pid}:${nanoid(8)}`;
     this.entryScript = options.entryScript;
@@ -310,8 +317,9 @@ export class Engine {
       });
     }
     const now = clock.now();
-    const encodedInput = encode(input);
-    const state = decode<Draftable>(encodedInput);
+    const secrets = this.deps.secrets;
+    const encodedInput = encode(input, { secrets });
+    const state = decode<Draftable>(encodedInput, { secrets });
     let data: string;
     try {
       data = snapshotData(this.deps, id, null, state);
@@ -398,7 +406,8 @@ export class Engine {
     const held = await this.claim(run, wf);
     if (held.run.cancelRequested) {
       const mode = await this.deps.store.cancelRequest(runId);
-      return this.finishCancel(held, mode === 2, await this.loadState(held.run));
+      const rollback = mode === 2;
+      return this.finishCancel(held, rollback, await this.loadState(held.run, rollback));
     }
     const milestone: Milestone = { run: update };
     if (run.status === RunStatus.failed) {
@@ -421,8 +430,11 @@ export class Engine {
     ) {
       // Another worker parked it again since this one read the queue: not due, hand it back.
       await held.release();
-      return this.result(held.run, await this.loadState(held.run));
+      return this.result(held.run, await this.loadState(held.run, false));
     }
+    // Read after the claim, as a stalled owner may have committed until the moment it lost the run,
+    // and before anything is written, so that a run whose state cannot be read stays as it was.
+    const tracker = new StateTracker(await this.loadHeldState(held));
     if (run.status === RunStatus.queued || run.status === RunStatus.waiting) {
       update.status = RunStatus.running;
     }
@@ -431,8 +443,6 @@ export class Engine {
     if (Object.keys(update).length > 0 || milestone.queue || milestone.deadLetter === null)
       await held.commit(milestone, 'resume');
     this.deps.emit({ type: 'run-resumed', runId, workflow: run.workflow, cursor: run.cursor });
-    // Read after the claim: a stalled owner may have committed until the moment it lost the run.
-    const tracker = new StateTracker(await this.loadState(held.run));
     return this.drive(held, tracker, await this.effectOrder(runId));
   }
 
@@ -479,13 +489,14 @@ export class Engine {
    */
   async rollback(runId: string, options: ResumeOptions = {}): Promise<RunResult> {
     const run = await this.mustGet(runId);
-    if (run.status === RunStatus.rolledBack) return this.result(run, await this.loadState(run));
+    if (run.status === RunStatus.rolledBack)
+      return this.result(run, await this.loadState(run, false));
     const wf = await this.definitionFor(run, options);
     const held = await this.claim(run, wf);
+    const state = await this.loadHeldState(held);
     this.held.add(held);
     held.startHeartbeat();
     try {
-      const state = await this.loadState(held.run);
       const report = await rollbackHeld(this.deps, held, state);
       this.deps.emit({ type: 'run-ended', runId, status: held.run.status });
       return { ...this.result(held.run, state), rollback: report };
@@ -499,7 +510,7 @@ export class Engine {
   async get(runId: string): Promise<RunView> {
     const run = await this.mustGet(runId);
     const { store } = this.deps;
-    const state = await this.loadState(run);
+    const state = await this.loadState(run, false);
     return viewRun(run, state, await store.listSteps(runId), await store.listEffects(runId), {
       live: this.leaseIsLive(run),
       llmCalls: await store.listLlmCalls(runId),
@@ -524,7 +535,7 @@ export class Engine {
         { runId, hint: 'Signal a run that is running, queued or waiting (`keel ls`).' },
       );
     }
-    const encoded = payload === undefined ? null : encode(payload);
+    const encoded = payload === undefined ? null : encode(payload, { secrets: this.deps.secrets });
     const woke = await this.deps.store.sendSignal(runId, name, encoded, this.deps.clock.now());
     return { woke };
   }
@@ -542,7 +553,7 @@ export class Engine {
     const rollback = options.rollback === true;
     const run = await this.mustGet(runId);
     if (ENDED.has(run.status) && run.status !== RunStatus.failed) {
-      return this.result(run, await this.loadState(run));
+      return this.result(run, await this.loadState(run, false));
     }
     const mine = [...this.held].find((h) => h.id === runId);
     if (mine) {
@@ -552,16 +563,17 @@ export class Engine {
     } else {
       const wf = await this.definitionFor(run, {});
       const held = await this.claim(run, wf);
-      return this.finishCancel(held, rollback, await this.loadState(held.run));
+      return this.finishCancel(held, rollback, await this.loadState(held.run, rollback));
     }
     // The holder stops it at its next milestone, or its lease lapses and it is cancelled here.
     const deadline = this.deps.clock.now() + (options.waitMs ?? 3 * this.deps.leaseMs);
     for (;;) {
       const now = await this.mustGet(runId);
       if (now.status !== RunStatus.running && now.status !== RunStatus.compensating)
-        return this.result(now, await this.loadState(now));
+        return this.result(now, await this.loadState(now, false));
       if (!this.leaseIsLive(now) && !this.held.has(mine!)) return this.cancel(runId, options);
-      if (this.deps.clock.now() >= deadline) return this.result(now, await this.loadState(now));
+      if (this.deps.clock.now() >= deadline)
+        return this.result(now, await this.loadState(now, false));
       await this.deps.clock.sleep(50);
     }
   }
@@ -965,8 +977,27 @@ export class Engine {
     return wf;
   }
 
-  private async loadState(run: RunRecord): Promise<Draftable> {
-    return replay(await this.deps.store.loadCheckpoints(run.id, run.snapshotSeq));
+  /**
+   * A run's state. Its secrets are decrypted only when workflow code will run on it (`reveal`);
+   * otherwise they are read back redacted, so that looking at a run never needs its key.
+   */
+  private async loadState(run: RunRecord, reveal: boolean): Promise<Draftable> {
+    const checkpoints = await this.deps.store.loadCheckpoints(run.id, run.snapshotSeq);
+    return replay(checkpoints, { secrets: reveal ? this.deps.secrets : 'redacted' });
+  }
+
+  /**
+   * The state of a run this process just claimed, to carry it on. When it cannot be read (its
+   * secrets' key is missing, say) the lease is handed back, so that a process given the key can
+   * carry the run on at once.
+   */
+  private async loadHeldState(held: HeldRun): Promise<Draftable> {
+    try {
+      return await this.loadState(held.run, true);
+    } catch (error) {
+      await held.release().catch(() => undefined);
+      throw error;
+    }
   }
 
   private async effectOrder(runId: string): Promise<number> {

@@ -27,6 +27,12 @@ export const ErrorCode = {
   llmRejected: 'LLM_REJECTED',
   llmJournalMismatch: 'LLM_JOURNAL_MISMATCH',
   waitTimeout: 'WAIT_TIMEOUT',
+  /** A secret must be written with no key set, or was written with a key keel was not given. */
+  secretKeyMissing: 'SECRET_KEY_MISSING',
+  /** A stored secret failed its integrity check: its bytes were changed. */
+  secretDamaged: 'SECRET_DAMAGED',
+  /** `reveal()` on a secret that a read-only view read without its key. */
+  secretRedacted: 'SECRET_REDACTED',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

@@ -143,7 +143,8 @@ async function compensateOne(
   handlers: Handlers,
 ) {
   const policy = retryPolicy(handlers.compensateRetry, DEFAULT_COMPENSATION_ATTEMPTS);
-  const result = effect.result === null ? undefined : decode(effect.result);
+  const result =
+    effect.result === null ? undefined : decode(effect.result, { secrets: deps.secrets });
   let attempts = effect.compensationAttempts;
   for (let attempt = 1; ; attempt++) {
     attempts += 1;

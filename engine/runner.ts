@@ -564,7 +564,7 @@ function decide(ex: Execution, from: string, state: unknown): string {
   const allowed = !route.targets || route.targets.includes(target as string);
   if (!known || !allowed) {
     throw new DefinitionError(
-      `The route after step "${from}" returned ${JSON.stringify(target)}, which is not ${known ? 'among its declared targets' : 'a declared step'}.`,
+      `The route after step "${from}" returned ${describeTarget(target)}, which is not ${known ? 'among its declared targets' : 'a declared step'}.`,
       {
         runId: ex.held.id,
         step: from,
@@ -573,6 +573,20 @@ function decide(ex: Execution, from: string, state: unknown): string {
     );
   }
   return target as string;
+}
+
+/**
+ * What a route returned, for its error: a string quoted, any other value as it would be written in
+ * code (JSON would write NaN as null, -0 as 0, and throw on a BigInt), an object by its kind.
+ */
+function describeTarget(target: unknown): string {
+  if (typeof target === 'string') return JSON.stringify(target);
+  if (typeof target === 'number') return Object.is(target, -0) ? '-0' : String(target);
+  if (typeof target === 'bigint') return `${target}n`;
+  if (typeof target === 'function') return 'a function';
+  if (Array.isArray(target)) return 'an array';
+  if (typeof target === 'object' && target !== null) return 'an object';
+  return String(target);
 }
 
 function advance(ex: Execution, index: number, target: string): Milestone['run'] {

@@ -5,8 +5,9 @@
  * finish one draft (collecting its patches) and start the next while the step keeps its `state`.
  */
 import { Immer, enableMapSet, enablePatches, type Patch } from 'immer';
-import { decode, encode } from './codec.ts';
+import { decode, encode, type DecodeOptions } from './codec.ts';
 import { StateError } from './errors.ts';
+import type { Keyring } from './secret.ts';
 import type { CheckpointRecord } from './store.ts';
 
 enablePatches();
@@ -89,30 +90,37 @@ export class StateTracker {
   }
 }
 
-/** Rebuilds a state from its newest snapshot and the patches after it. */
-export function replay(checkpoints: readonly CheckpointRecord[]): Draftable {
+/**
+ * Rebuilds a state from its newest snapshot and the patches after it, with its secrets decrypted by
+ * `options.secrets` (or left redacted, for a read-only view).
+ */
+export function replay(
+  checkpoints: readonly CheckpointRecord[],
+  options: DecodeOptions = {},
+): Draftable {
   const [snapshot, ...tail] = checkpoints;
   if (!snapshot || snapshot.kind !== 'snapshot') {
     throw new StateError('The run has no snapshot to resume from: its checkpoints are damaged.', {
       hint: 'Check the database with PRAGMA integrity_check; roll the run back or start it again.',
     });
   }
-  let state = decode<Draftable>(snapshot.data);
+  let state = decode<Draftable>(snapshot.data, options);
   for (const checkpoint of tail) {
     state =
       checkpoint.kind === 'snapshot'
-        ? decode<Draftable>(checkpoint.data)
-        : immer.applyPatches(state, decode<Patch[]>(checkpoint.data));
+        ? decode<Draftable>(checkpoint.data, options)
+        : immer.applyPatches(state, decode<Patch[]>(checkpoint.data, options));
   }
   return state;
 }
 
 /** Encodes patches, naming the state path of any value that cannot be stored. */
-export function encodePatches(patches: readonly Patch[]): string {
+export function encodePatches(patches: readonly Patch[], secrets: Keyring): string {
   try {
-    return encode(patches);
+    return encode(patches, { secrets });
   } catch (error) {
-    for (const patch of patches) encode(patch.value, [...patch.path] as (string | number)[]);
+    for (const patch of patches)
+      encode(patch.value, { secrets, path: [...patch.path] as (string | number)[] });
     throw error;
   }
 }

@@ -159,7 +159,8 @@ export function viewRun(
     updatedAt: run.updatedAt,
     endedAt: run.endedAt,
     module: run.module,
-    input: decode(run.input),
+    // Read-only: secrets stay encrypted, and show as [secret].
+    input: decode(run.input, { secrets: 'redacted' }),
     state,
     lease: run.lease,
     effects: effects.map((e) => ({
@@ -168,7 +169,7 @@ export function viewRun(
       step: e.step,
       status: e.status,
       attempts: e.attempts,
-      result: e.result === null ? null : decode(e.result),
+      result: e.result === null ? null : decode(e.result, { secrets: 'redacted' }),
       error: parseError(e.error),
       startedAt: e.startedAt,
       completedAt: e.completedAt,

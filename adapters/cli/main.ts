@@ -14,6 +14,7 @@ import {
   isKeelError,
   serializeError,
 } from '../../engine/errors.ts';
+import { newSecretKey } from '../../engine/secret.ts';
 import { RunStatus } from '../../engine/store.ts';
 import { DEFAULT_DB, openEngine } from '../index.ts';
 import { consoleLogger, parseLogLevel } from '../console-logger.ts';
@@ -567,6 +568,14 @@ function program(): Command {
     });
 
   registerDoctor(root, (code) => (exitCode = code));
+
+  root
+    .command('keygen')
+    .description('print a new random key for KEEL_SECRET_KEY, which encrypts secret(...) values')
+    .action((_opts: object, command: Command) => {
+      const key = newSecretKey();
+      cli(command).print(key, { key });
+    });
 
   return root;
 }

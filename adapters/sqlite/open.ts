@@ -6,7 +6,16 @@
  * newer keel is left exactly as it was, with an error that says so.
  */
 import Database from 'better-sqlite3';
-import { closeSync, existsSync, mkdirSync, openSync, readSync, statSync } from 'node:fs';
+import {
+  chmodSync,
+  closeSync,
+  existsSync,
+  fchmodSync,
+  mkdirSync,
+  openSync,
+  readSync,
+  statSync,
+} from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DatabaseError } from '../../engine/errors.ts';
@@ -79,12 +88,8 @@ function enableWal(sqlite: Database.Database, timeoutMs: number): void {
 
 function prepareFile(file: string): void {
   const folder = dirname(file);
-  if (!existsSync(folder)) mkdirSync(folder, { recursive: true, mode: 0o700 });
-  if (!existsSync(file)) {
-    // Prompts, completions and state are stored in plain text: the file is its owner's alone.
-    closeSync(openSync(file, 'a', 0o600));
-    return;
-  }
+  if (!existsSync(folder)) makePrivateFolder(folder);
+  if (makePrivateFile(file)) return;
   const stats = statSync(file);
   if (stats.isDirectory()) {
     throw new DatabaseError(`${file} is a folder, not a database file.`, {
@@ -92,14 +97,17 @@ function prepareFile(file: string): void {
     });
   }
   if (stats.size === 0) return;
-  const header = Buffer.alloc(16);
+  const header = Buffer.alloc(20);
   const fd = openSync(file, 'r');
   try {
-    readSync(fd, header, 0, 16, 0);
+    readSync(fd, header, 0, 20, 0);
   } finally {
     closeSync(fd);
   }
-  if (header.toString('latin1') !== SQLITE_HEADER) {
+  // Bytes 18 and 19 are the format's write and read versions, 1 or 2: SQLite opens a file whose
+  // versions were zeroed, and switching it to WAL would then write them.
+  const versionsKnown = [1, 2].includes(header[18]!) && [1, 2].includes(header[19]!);
+  if (header.toString('latin1', 0, 16) !== SQLITE_HEADER || !versionsKnown) {
     throw new DatabaseError(
       `${file} is not a SQLite database (or its header is damaged); keel left it untouched.`,
       {
@@ -107,6 +115,39 @@ function prepareFile(file: string): void {
       },
     );
   }
+}
+
+/*
+ * Prompts, completions, state and effect results are stored in plain text, so what keel creates is
+ * its owner's alone: folders 0700, the database 0600 (SQLite gives its -wal and -shm files the
+ * database's mode). The mode is set after creation, as the umask may have taken bits off; a file or
+ * folder the user made keeps the mode it has.
+ */
+
+function makePrivateFolder(folder: string): void {
+  const first = mkdirSync(folder, { recursive: true, mode: 0o700 });
+  if (first === undefined) return; // another process made it in the meantime
+  for (let dir = folder; ; dir = dirname(dir)) {
+    chmodSync(dir, 0o700);
+    if (dir === first) return;
+  }
+}
+
+/** Creates the database file; false when it exists already. */
+function makePrivateFile(file: string): boolean {
+  let fd: number;
+  try {
+    fd = openSync(file, 'wx', 0o600);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw error;
+  }
+  try {
+    fchmodSync(fd, 0o600);
+  } finally {
+    closeSync(fd);
+  }
+  return true;
 }
 
 function checkIdentity(sqlite: Database.Database, file: string, known: number): void {
@@ -126,6 +167,15 @@ function checkIdentity(sqlite: Database.Database, file: string, known: number): 
         sqlite.pragma('user_version', { simple: true }) as number,
       ] as const,
   )();
+  const keelTables = tables.includes('run_specs') && tables.includes('checkpoints');
+  if (appId !== KEEL_APPLICATION_ID && keelTables) {
+    throw new DatabaseError(
+      `${file} is damaged (it has keel's tables, but its header lost keel's application id); keel left it untouched.`,
+      {
+        hint: 'Check it with `sqlite3 FILE "PRAGMA integrity_check"` and restore a backup if it fails.',
+      },
+    );
+  }
   if (appId !== KEEL_APPLICATION_ID) {
     // Only a brand-new database (no id, no tables, no schema version) becomes keel's.
     if (appId !== 0 || tables.length > 0 || schemaVersion !== 0) {
@@ -171,7 +221,12 @@ export function translate(error: unknown, file: string): unknown {
       },
     );
   }
-  if (code === 'SQLITE_NOTADB' || code.startsWith('SQLITE_CORRUPT')) {
+  // A file cut short reads as a short read: it is damaged as much as a corrupt one.
+  if (
+    code === 'SQLITE_NOTADB' ||
+    code.startsWith('SQLITE_CORRUPT') ||
+    code === 'SQLITE_IOERR_SHORT_READ'
+  ) {
     return new DatabaseError(`${file} is damaged (${code}); keel left it untouched.`, {
       cause: error,
       hint: 'Check it with `sqlite3 FILE "PRAGMA integrity_check"` and restore a backup if it fails.',

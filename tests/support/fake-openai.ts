@@ -114,7 +114,12 @@ export async function startFakeOpenAI(): Promise<FakeOpenAI> {
     for (const [k, v] of Object.entries(req.headers)) {
       if (v !== undefined) headers[k] = Array.isArray(v) ? v.join(', ') : v;
     }
-    const request: FakeOpenAIRequest = { method: req.method ?? '', path: req.url ?? '', body, headers };
+    const request: FakeOpenAIRequest = {
+      method: req.method ?? '',
+      path: req.url ?? '',
+      body,
+      headers,
+    };
     requests.push(request);
 
     if (req.method !== 'POST' || req.url !== '/v1/chat/completions') {
