@@ -41,6 +41,10 @@ import { checkVersion, fingerprint } from './versioning.ts';
 import { isWorkflow, type CheckRoutes, type Workflow } from './workflow.ts';
 import { planResume, viewRun, type ResumePlan, type RunSummary, type RunView } from './views.ts';
 
+/** How long a worker leaves a run it could not carry on before it tries again, doubling to the max. */
+const HOLD_BACK_FIRST_MS = 1_000;
+const HOLD_BACK_MAX_MS = 5 * 60_000;
+
 export type EngineOptions = {
   store: Store;
   host: HostInfo;
@@ -760,9 +764,31 @@ export class Engine {
     const activeFlows = new Map<string, string>();
     let wake: (() => void) | undefined;
     const kick = () => wake?.();
+    /**
+     * Runs this worker could not carry on (a graph that changed, a secret it has no key for, a
+     * workflow file that fails to load) and when it may try each again. They stay in the queue as
+     * they are: retried with backoff, not in a loop; `--until-idle` does not wait for them.
+     */
+    const heldBack = new Map<string, { until: number; failures: number }>();
+    const isHeldBack = (runId: string, now: number) => (heldBack.get(runId)?.until ?? 0) > now;
+    const holdBack = (runId: string, error: unknown) => {
+      const failures = (heldBack.get(runId)?.failures ?? 0) + 1;
+      const waitMs = options.untilIdle
+        ? Infinity
+        : Math.min(HOLD_BACK_MAX_MS, HOLD_BACK_FIRST_MS * 2 ** (failures - 1));
+      heldBack.set(runId, { until: clock.now() + waitMs, failures });
+      report.errors += 1;
+      this.deps.logger.error(
+        options.untilIdle
+          ? 'worker: a run could not be carried on; it stays as it is'
+          : `worker: a run could not be carried on; it stays as it is, tried again in ${Math.round(waitMs / 1000)} s`,
+        { runId, error: String(error) },
+      );
+    };
     const launch = (runId: string, work: () => Promise<RunResult>) => {
       const task = work()
         .then((result) => {
+          heldBack.delete(runId);
           if (result.status === RunStatus.completed) report.completed += 1;
           else if (result.status === RunStatus.failed) report.failed += 1;
           else if (result.status === RunStatus.waiting) report.waiting += 1;
@@ -774,11 +800,7 @@ export class Engine {
           if (error instanceof LeaseError || isLeaseError(error)) return;
           if (isKeelError(error) && error.code === ErrorCode.notResumable) return;
           if (signal?.aborted) return;
-          report.errors += 1;
-          this.deps.logger.error('worker: a run could not be carried on', {
-            runId,
-            error: String(error),
-          });
+          holdBack(runId, error);
         })
         .finally(() => {
           active.delete(runId);
@@ -796,7 +818,7 @@ export class Engine {
         const busy = new Map<string, number>();
         for (const entry of due) {
           if (active.size >= concurrency) break;
-          if (active.has(entry.runId)) continue;
+          if (active.has(entry.runId) || isHeldBack(entry.runId, now)) continue;
           if (await this.atLimit(entry.workflow, busy, activeFlows)) continue;
           activeFlows.set(entry.runId, entry.workflow);
           launch(entry.runId, () => this.resume(entry.runId, { onlyIfDue: true }));
@@ -804,12 +826,12 @@ export class Engine {
       }
       if (active.size < concurrency && now - lastScan >= scanEveryMs) {
         lastScan = now;
-        await this.launchAbandoned(active, concurrency, launch);
+        await this.launchAbandoned(active, concurrency, launch, isHeldBack);
       }
       const stats = await store.queueStats();
-      if (options.untilIdle && active.size === 0 && stats.nextDueAt === null) {
+      if (options.untilIdle && active.size === 0 && (await this.idle(stats, isHeldBack))) {
         // Before calling it a day, runs left running by dead processes are work too.
-        if (await this.launchAbandoned(active, concurrency, launch)) continue;
+        if (await this.launchAbandoned(active, concurrency, launch, isHeldBack)) continue;
         break;
       }
       // Launched something: look again at once (more may be due). Otherwise sleep until the next
@@ -840,11 +862,23 @@ export class Engine {
     return report;
   }
 
+  /** Whether nothing in the queue has a due time, but for runs this worker holds back. */
+  private async idle(
+    stats: { nextDueAt: number | null },
+    isHeldBack: (runId: string, now: number) => boolean,
+  ): Promise<boolean> {
+    if (stats.nextDueAt === null) return true;
+    const now = this.deps.clock.now();
+    const timed = await this.deps.store.dueRuns(Number.MAX_SAFE_INTEGER, 1_000);
+    return timed.every((entry) => isHeldBack(entry.runId, now));
+  }
+
   /** Launches runs left running or compensating by dead processes; true when it launched any. */
   private async launchAbandoned(
     active: Map<string, Promise<void>>,
     concurrency: number,
     launch: (runId: string, work: () => Promise<RunResult>) => void,
+    isHeldBack: (runId: string, now: number) => boolean,
   ): Promise<boolean> {
     const abandoned = await this.deps.store.listRuns({
       status: [RunStatus.running, RunStatus.compensating],
@@ -853,6 +887,7 @@ export class Engine {
     for (const run of abandoned) {
       if (active.size >= concurrency) break;
       if (active.has(run.id) || this.leaseIsLive(run) || this.isHeldHere(run.id)) continue;
+      if (isHeldBack(run.id, this.deps.clock.now())) continue;
       launch(run.id, () => this.resume(run.id));
       launched = true;
     }

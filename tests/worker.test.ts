@@ -352,3 +352,56 @@ describe('graceful shutdown', () => {
     ]);
   });
 });
+
+describe('a run the worker cannot carry on', () => {
+  const WAITING = join(FIXTURES, 'hostile-waiting.ts');
+  const changed = { HOSTILE_GRAPH: 'added', KEEL_LOG: 'info' };
+  const refusals = (stderr: string) =>
+    stderr.split('\n').filter((l) => l.includes('a run could not be carried on'));
+
+  /** A run waiting for `go`, signalled, and so due: but its workflow file now has another graph. */
+  async function dueWithChangedGraph() {
+    const dir = tempDir('keel-holdback-');
+    const db = join(dir, 'keel.db');
+    const started = await collect(spawnKeel(['run', WAITING, '--db', db, '--no-progress']));
+    const id = /^run (\S+) \(hostile-waiting\): waiting$/m.exec(started.stdout)?.[1];
+    expect(id, started.stdout).toBeDefined();
+    const sent = await collect(spawnKeel(['signal', id!, 'go', '--payload', '1', '--db', db]));
+    expect(sent.code, sent.stderr).toBe(0);
+    return { db, id: id! };
+  }
+
+  it('--until-idle tries it once, leaves it waiting as it was, and stops; the old graph then finishes it', async () => {
+    const { db, id } = await dueWithChangedGraph();
+    const worker = spawnKeel(['worker', '--until-idle', '--poll', '50', '--db', db], {
+      env: changed,
+    });
+    children.push(worker);
+    const result = await collect(worker, 30_000);
+    expect(result.code, result.stderr).toBe(0);
+    expect(refusals(result.stderr)).toHaveLength(1);
+    expect(refusals(result.stderr)[0]).toContain(`runId=${id}`);
+    expect(refusals(result.stderr)[0]).toContain('step \\"extra\\" added');
+    const store = openStore(db);
+    expect(await store.getRun(id)).toMatchObject({ status: 'waiting', lease: null });
+
+    const fixed = await collect(spawnKeel(['worker', '--until-idle', '--poll', '50', '--db', db]));
+    expect(fixed.code, fixed.stderr).toBe(0);
+    expect(await store.getRun(id)).toMatchObject({ status: 'completed' });
+  });
+
+  it('a worker that keeps running tries it again after 1 s, then 2 s: not in a loop', async () => {
+    const { db } = await dueWithChangedGraph();
+    const worker = spawnKeel(['worker', '--poll', '50', '--db', db], { env: changed });
+    children.push(worker);
+    let stderr = '';
+    worker.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+    await waitFor(() => refusals(stderr).length > 0, 30_000);
+    // Tries at about 0, 1 and 3 s: two by the middle of that second gap.
+    await sleep(2_000);
+    worker.kill('SIGTERM');
+    const result = await collect(worker, 30_000);
+    expect(result.code).toBe(0);
+    expect(refusals(stderr).map((l) => /tried again in (\d+) s/.exec(l)?.[1])).toEqual(['1', '2']);
+  });
+});
