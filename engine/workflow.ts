@@ -11,6 +11,8 @@ import type { LlmCall } from './llm/journal.ts';
 import type { Logger } from './logger.ts';
 import { toMs, type Duration } from './time.ts';
 
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
 /** The route target that ends the run. */
 export const END = '__end__';
 export type END = typeof END;
@@ -378,6 +380,13 @@ export class Workflow<S, Names extends string = never, Pending extends string = 
         {
           hint: `Step names are non-empty strings other than "${END}".`,
         },
+      );
+    }
+    // Stored as UTF-8 text, half a surrogate pair would come back as U+FFFD: another name.
+    if (LONE_SURROGATE.test(node.name)) {
+      throw new DefinitionError(
+        `workflow "${this.name}": invalid step name ${JSON.stringify(node.name)}: it holds half of a surrogate pair.`,
+        { hint: 'Use well-formed Unicode text for step names.' },
       );
     }
     if (this.nodes.some((n) => n.name === node.name)) {

@@ -656,8 +656,8 @@ describe('2. values the state cannot hold are refused, naming their exact path',
 // 3. Random graphs, random routes.
 
 /**
- * Step names of odd but well-formed Unicode. Not lone surrogates: step names are stored as SQLite
- * text, which turns one into U+FFFD (and keel does not refuse such a name when it is declared). Not
+ * Step names of odd but well-formed Unicode. Not lone surrogates: keel refuses such a name when it
+ * is declared, since SQLite text would turn one into U+FFFD (see the regressions below). Not
  * `#`, which starts the names no step has.
  */
 const stepName = fc
@@ -1336,6 +1336,19 @@ describe('6. the disk fills during a checkpoint', () => {
 describe('regressions found by the properties above', () => {
   const dir = tempDir('keel-hostile-regress-');
   let n = 0;
+
+  it('a step name holding half of a surrogate pair is refused when declared, not stored as another name', () => {
+    const lone = 'draft\uD800';
+    expect(() => workflow<State>('lone', { version: 1 }).step(lone, () => {})).toThrow(
+      'workflow "lone": invalid step name "draft\\ud800": it holds half of a surrogate pair.',
+    );
+    expect(() => workflow<State>('lone', { version: 1 }).step('\uDC00x', () => {})).toThrow(
+      'it holds half of a surrogate pair',
+    );
+    // A whole pair is a character like any other.
+    const pair = workflow<State>('pair', { version: 1 }).step('draft\uD83D\uDE00', () => {});
+    expect(pair.node('draft\uD83D\uDE00')?.name).toBe('draft\uD83D\uDE00');
+  });
 
   /** Runs `wf` to the end, then reads its state back in a fresh engine (from the checkpoints). */
   async function runAndReload(wf: Workflow<State, string>, input: State = {}) {
