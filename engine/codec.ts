@@ -56,7 +56,7 @@ export function decode<T = unknown>(text: string, options: DecodeOptions = {}): 
 }
 
 /** JSON.parse of stored text, which fails only when the file was damaged (a zeroed byte, say). */
-function parseStored(text: string): unknown {
+export function parseStored(text: string): unknown {
   try {
     return JSON.parse(text);
   } catch (error) {

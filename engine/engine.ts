@@ -3,7 +3,7 @@
  * concrete store (`openEngine` in the package entry); the engine itself does no I/O of its own.
  */
 import { nanoid } from 'nanoid';
-import { decode, encode } from './codec.ts';
+import { decode, encode, parseStored } from './codec.ts';
 import { snapshotData } from './checkpoint.ts';
 import type { AnyWorkflow, EngineDeps, HostInfo, RunEvent, WorkflowLoader } from './deps.ts';
 import {
@@ -667,7 +667,7 @@ export class Engine {
       cursor: run.cursor,
       stepCount: run.stepCount,
       live: this.leaseIsLive(run),
-      error: run.error ? (JSON.parse(run.error) as SerializedError) : null,
+      error: run.error ? (parseStored(run.error) as SerializedError) : null,
       createdAt: run.createdAt,
       updatedAt: run.updatedAt,
       endedAt: run.endedAt,
@@ -940,7 +940,7 @@ export class Engine {
       workflow: run.workflow,
       status: run.status,
       state,
-      error: run.error ? (JSON.parse(run.error) as SerializedError) : null,
+      error: run.error ? (parseStored(run.error) as SerializedError) : null,
     };
   }
 
@@ -1069,8 +1069,8 @@ const viewDeadLetter = (d: DeadLetter): DeadLetterView => ({
   workflow: d.workflow,
   step: d.step,
   reason: d.reason,
-  error: JSON.parse(d.error) as SerializedError,
-  history: JSON.parse(d.history) as unknown[],
+  error: parseStored(d.error) as SerializedError,
+  history: parseStored(d.history) as unknown[],
   createdAt: d.createdAt,
   droppedAt: d.droppedAt,
 });

@@ -14,6 +14,7 @@ import { ErrorCode, hasCode, serializeError } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { backoffMs as jitter, toMs, type Duration } from './time.ts';
 import type { DeadLetter, DeadLetterReason, ParkRecord, QueueEntry, QueueReason } from './store.ts';
+import { parseStored } from './codec.ts';
 
 export const DEFAULT_MAX_WAIT = '24h';
 
@@ -75,7 +76,7 @@ export function parkEntry(
   waitMs: number,
 ): QueueEntry {
   const message = String((error as Error)?.message ?? error).split('\n')[0]!;
-  const history = JSON.parse(held.queued?.history ?? '[]') as ParkRecord[];
+  const history = parseStored(held.queued?.history ?? '[]') as ParkRecord[];
   history.push({ at: now, step, error: message, waitMs });
   return queueEntry(held, now, {
     reason: 'parked',
@@ -98,7 +99,7 @@ export function deadLetter(
   // The parks (from the queue entry) and the failed attempts (this hold's), in time order; the
   // last failed attempt is the one that ends the run.
   const history = [
-    ...(JSON.parse(held.queued?.history ?? '[]') as { at: number }[]),
+    ...(parseStored(held.queued?.history ?? '[]') as { at: number }[]),
     ...held.failures,
   ].sort((a, b) => a.at - b.at) as unknown[];
   const message = String((error as Error)?.message ?? error).split('\n')[0]!;

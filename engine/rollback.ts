@@ -6,7 +6,7 @@
  * without compensating anything twice. A compensation that keeps failing stops the rollback and
  * leaves the run `compensation_failed`, listing what is still applied.
  */
-import { decode } from './codec.ts';
+import { decode, parseStored } from './codec.ts';
 import type { EngineDeps } from './deps.ts';
 import { performEffect, retryPolicy } from './effects.ts';
 import {
@@ -85,7 +85,7 @@ export async function rollbackHeld(
       report.remaining = effects.slice(i).map((e) => e.name);
       const original = failureBefore(held);
       const after = original
-        ? ` It was rolling back after: ${(JSON.parse(original) as SerializedError).message.split('\n')[0]}`
+        ? ` It was rolling back after: ${(parseStored(original) as SerializedError).message.split('\n')[0]}`
         : '';
       const reason = (error as Error).message.replace(/\.$/, '');
       const failure = new CompensationError(
@@ -131,7 +131,7 @@ export async function rollbackHeld(
 /** The run's error from before any rollback stopped (as stored), through any number of them. */
 function failureBefore(held: HeldRun): string | null {
   if (!held.run.error) return null;
-  const previous = JSON.parse(held.run.error) as SerializedError;
+  const previous = parseStored(held.run.error) as SerializedError;
   if (previous.name !== 'CompensationError') return held.run.error;
   return typeof previous.failure === 'string' ? previous.failure : null;
 }

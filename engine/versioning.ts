@@ -8,6 +8,7 @@ import { ErrorCode, KeelError } from './errors.ts';
 import type { RunRecord, RunUpdate } from './store.ts';
 import type { GraphShape } from './workflow.ts';
 import type { AnyWorkflow } from './deps.ts';
+import { parseStored } from './codec.ts';
 
 export function fingerprint(shape: GraphShape): string {
   return createHash('sha256').update(JSON.stringify(shape)).digest('hex').slice(0, 16);
@@ -55,7 +56,7 @@ export function checkVersion(run: RunRecord, wf: AnyWorkflow, allowChange: boole
   const print = fingerprint(shape);
   const version = wf.options.version;
   if (print === run.fingerprint) return version === run.version ? {} : { version };
-  const changes = describeChanges(JSON.parse(run.graph) as GraphShape, shape);
+  const changes = describeChanges(parseStored(run.graph) as GraphShape, shape);
   const what = changes.length > 0 ? changes.join('; ') : 'its graph changed';
   const where = `Workflow "${wf.name}" changed since run ${run.id} started (version ${run.version})`;
   if (version <= run.version) {

@@ -1,5 +1,5 @@
 /** Read models of a run for `get`, `list` and `resume --plan`: what a person or a script looks at. */
-import { decode } from './codec.ts';
+import { decode, parseStored } from './codec.ts';
 import type { AnyWorkflow } from './deps.ts';
 import type { SerializedError } from './errors.ts';
 import {
@@ -110,7 +110,7 @@ export type RunView = RunSummary & {
   llmUsage: LlmUsageView;
 };
 
-const parseError = (text: string | null) => (text ? (JSON.parse(text) as SerializedError) : null);
+const parseError = (text: string | null) => (text ? (parseStored(text) as SerializedError) : null);
 
 export function viewRun(
   run: RunRecord,
@@ -200,7 +200,7 @@ type StoredAttempt = {
 };
 
 function viewLlmCall(c: LlmCallRecord): LlmCallView {
-  const attempts = (JSON.parse(c.attempts) as StoredAttempt[]).map((a) => ({
+  const attempts = (parseStored(c.attempts) as StoredAttempt[]).map((a) => ({
     tier: a.tier,
     class: a.class ?? null,
     status: a.status ?? null,

@@ -1568,4 +1568,37 @@ describe('regressions found by the properties above', () => {
     expect(show.stderr).not.toMatch(STACK_FRAME);
     expect(sha256(db)).toBe(before);
   });
+  it("a zeroed byte inside a failed run's stored error (and its graph): reading the run says the database is damaged, not a JSON error", async () => {
+    const db = join(dir, `zeroed-error-${n++}.db`);
+    const engine = openEngine({ db });
+    const fails = workflow<State>('fails', { version: 1 }).step('boom', () => {
+      throw new Error('a marker in the error');
+    });
+    const run = await engine.start(fails, {}).finally(() => engine.close());
+    expect(run.status).toBe('failed');
+    const bytes = readFileSync(db);
+    for (const marker of ['a marker in the error', '"nodes"']) {
+      const at = bytes.indexOf(marker);
+      expect(at, `${marker} is in the file`).toBeGreaterThan(0);
+      bytes[at + 3] = 0;
+    }
+    writeFileSync(db, bytes);
+    const before = sha256(db);
+
+    const damaged = openEngine({ db });
+    const isDamaged = {
+      name: 'DatabaseError',
+      message: expect.stringMatching(/^A value stored in the database is damaged/) as unknown,
+    };
+    try {
+      await expect(damaged.get(run.id)).rejects.toMatchObject(isDamaged);
+    } finally {
+      await damaged.close();
+    }
+    const show = await keel(['show', run.id, '--db', db]);
+    expect(show.code, show.stderr).toBe(2);
+    expect(show.stderr).toMatch(/^keel: A value stored in the database is damaged/);
+    expect(show.stderr).not.toMatch(STACK_FRAME);
+    expect(sha256(db)).toBe(before);
+  });
 });

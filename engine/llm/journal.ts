@@ -16,6 +16,7 @@ import type { HeldRun } from '../held-run.ts';
 import type { LlmCallRecord } from '../store.ts';
 import type { Attempt, RoutedResponse, Router, RouterTier } from './router.ts';
 import type { LlmRequest, LlmResponse, LlmStreamEvent, LlmUsage, TierPrice } from './types.ts';
+import { parseStored } from '../codec.ts';
 
 /** `ctx.llm(request)`, and `ctx.llm.stream(request)` for text as it arrives. */
 export type LlmCall = {
@@ -109,7 +110,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
     if (row.status !== 'completed') return { row };
     if (row.requestHash !== hash) throw new LlmJournalMismatchError(held.id, step, position);
     await deps.store.markLlmReplayed(held.id, stepIndex, position, deps.clock.now());
-    const response = JSON.parse(row.response ?? 'null') as LlmResponse;
+    const response = parseStored(row.response ?? 'null') as LlmResponse;
     deps.emit({
       type: 'llm-called',
       runId: held.id,
@@ -137,7 +138,7 @@ export function journaledLlm(scope: JournalScope): LlmCall {
   };
 
   const priorAttempts = (prior: LlmCallRecord | undefined): Attempt[] =>
-    prior ? (JSON.parse(prior.attempts) as Attempt[]) : [];
+    prior ? (parseStored(prior.attempts) as Attempt[]) : [];
 
   const recordAnswer = async (
     position: number,
