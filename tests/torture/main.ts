@@ -8,22 +8,45 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { torture } from './harness.ts';
 
-const { values } = parseArgs({
-  options: {
-    kills: { type: 'string', default: '200' },
-    seed: { type: 'string' },
-    lanes: { type: 'string', default: '2' },
-    batch: { type: 'string', default: '10' },
-    'race-every': { type: 'string', default: '25' },
-    keep: { type: 'boolean', default: false },
-    json: { type: 'boolean', default: false },
-  },
-});
+const USAGE = `usage: npm run torture -- [--kills N] [--seed S] [--lanes N] [--batch N] [--race-every N] [--keep] [--json]
+  --kills N       stop starting new batches once N processes were killed (default 200)
+  --seed S        the seed that picks every input and every kill (default: a random one, printed)
+  --lanes N       databases worked side by side (default 2)
+  --batch N       runs enqueued per batch (default 10)
+  --race-every N  a race of 8 resumers and 4 workers every N turns of the first lane (0: never)
+  --keep          keep the databases even when the torture passes
+  --json          print the report as JSON`;
 
-function count(name: string, text: string | undefined): number {
+let parsed;
+try {
+  parsed = parseArgs({
+    options: {
+      kills: { type: 'string', default: '200' },
+      seed: { type: 'string' },
+      lanes: { type: 'string', default: '2' },
+      batch: { type: 'string', default: '10' },
+      'race-every': { type: 'string', default: '25' },
+      keep: { type: 'boolean', default: false },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+} catch (error) {
+  console.error(`torture: ${(error as Error).message}\n${USAGE}`);
+  process.exit(2);
+}
+const { values } = parsed;
+if (values.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
+
+function count(name: string, text: string | undefined, least = 0): number {
   const n = Number(text);
-  if (!Number.isInteger(n) || n < 0) {
-    console.error(`torture: --${name} must be a whole number, got "${text}"`);
+  if (text === undefined || text.trim() === '' || !Number.isSafeInteger(n) || n < least) {
+    console.error(
+      `torture: --${name} must be a whole number${least > 0 ? ` of at least ${least}` : ''}, got "${text}"`,
+    );
     process.exit(2);
   }
   return n;
@@ -31,16 +54,19 @@ function count(name: string, text: string | undefined): number {
 
 const seed =
   values.seed === undefined ? Math.floor(Math.random() * 1e9) : count('seed', values.seed);
-const dir = mkdtempSync(join(tmpdir(), 'keel-torture-'));
 const kills = count('kills', values.kills);
+const lanes = count('lanes', values.lanes, 1);
+const batch = count('batch', values.batch, 1);
+const raceEvery = count('race-every', values['race-every']);
+const dir = mkdtempSync(join(tmpdir(), 'keel-torture-'));
 console.error(`torture: seed ${seed}, ${kills} kills, databases in ${dir}`);
 const report = await torture({
   kills,
   seed,
   dir,
-  lanes: count('lanes', values.lanes),
-  batch: count('batch', values.batch),
-  raceEvery: count('race-every', values['race-every']),
+  lanes,
+  batch,
+  raceEvery,
   log: (line) => console.error(`torture: ${line}`),
 });
 const passed = report.failures.length === 0;
