@@ -110,8 +110,12 @@ export function parseSecretKey(text: string, source: string): SecretKey {
     if (decoded.length === KEY_BYTES) bytes = decoded;
   }
   if (!bytes) {
+    const bad = /[^A-Za-z0-9+/_=-]/.exec(trimmed);
+    const found = bad
+      ? `it has a character that is neither base64 nor hex, at position ${bad.index + 1}`
+      : `it has ${trimmed.length} characters`;
     throw new InputError(
-      `${source} is not a usable key: it must be 32 bytes, written as base64 (44 characters) or as 64 hex digits; it has ${trimmed.length} characters.`,
+      `${source} is not a usable key: it must be 32 bytes, written as base64 (44 characters) or as 64 hex digits; ${found}.`,
       { hint: 'Make one with `keel keygen`, e.g. export KEEL_SECRET_KEY="$(keel keygen)".' },
     );
   }
@@ -165,7 +169,7 @@ export function openSecret(sealed: SealedSecret, keyring: Keyring): string {
       {
         code: ErrorCode.secretDamaged,
         cause: error,
-        hint: 'Restore the database from a backup, or roll the run back and start it again.',
+        hint: 'Restore the database from a backup, or stop the run with `keel cancel RUN_ID` and start it again (a rollback needs the state, which this secret is part of).',
       },
     );
   }

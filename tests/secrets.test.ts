@@ -392,7 +392,7 @@ describe('A: a secret in the state and in an effect result', () => {
     const bad = await t.run({ KEEL_SECRET_KEY: typo });
     expectCode(bad, 2);
     expect(bad.stderr).toBe(
-      'keel: KEEL_SECRET_KEY is not a usable key: it must be 32 bytes, written as base64 (44 characters) or as 64 hex digits; it has 42 characters.\n' +
+      'keel: KEEL_SECRET_KEY is not a usable key: it must be 32 bytes, written as base64 (44 characters) or as 64 hex digits; it has a character that is neither base64 nor hex, at position 42.\n' +
         '  Make one with `keel keygen`, e.g. export KEEL_SECRET_KEY="$(keel keygen)".\n',
     );
     const short = randomBytes(31).toString('base64');
@@ -401,7 +401,9 @@ describe('A: a secret in the state and in an effect result', () => {
       KEEL_SECRET_KEYS_OLD: `${newKey()},${short}`,
     });
     expectCode(badOld, 2);
-    expect(badOld.stderr).toContain('keel: key 2 of KEEL_SECRET_KEYS_OLD is not a usable key');
+    expect(badOld.stderr).toContain(
+      'keel: key 2 of KEEL_SECRET_KEYS_OLD is not a usable key: it must be 32 bytes, written as base64 (44 characters) or as 64 hex digits; it has 44 characters.',
+    );
     expect(existsSync(t.db)).toBe(false);
     expect(leaks([...outputs('bad', bad), ...outputs('bad old', badOld)], [typo, short])).toEqual(
       [],

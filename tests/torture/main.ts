@@ -54,7 +54,7 @@ function count(name: string, text: string | undefined, least = 0): number {
 
 const seed =
   values.seed === undefined ? Math.floor(Math.random() * 1e9) : count('seed', values.seed);
-const kills = count('kills', values.kills);
+const kills = count('kills', values.kills, 1);
 const lanes = count('lanes', values.lanes, 1);
 const batch = count('batch', values.batch, 1);
 const raceEvery = count('race-every', values['race-every']);
