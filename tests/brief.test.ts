@@ -349,7 +349,7 @@ describe('brief workflow, end to end', () => {
   const publication = async (id: string) =>
     (await engine.get(id)).effects.find((e) => e.name === 'publish')?.result as Publication;
 
-  it('publishes once per key and rollback removes what it published', async () => {
+  it('publishes once per key; rollback removes what it published once no other run shares it', async () => {
     const input: Brief = { topic: TOPIC, docs, outbox };
     const first = await engine.start(brief, input);
     expect(first.error).toBeNull();
@@ -379,12 +379,13 @@ describe('brief workflow, end to end', () => {
     expect(after.ino).toBe(before.ino);
     expect(after.mtimeMs).toBe(before.mtimeMs);
 
+    // The publication is the first run's too: undoing the second leaves it in place.
     const rolledBack = await engine.rollback(second.id);
     expect(rolledBack.status).toBe('rolled_back');
     expect(rolledBack.rollback?.compensated).toEqual(['publish']);
-    expect(existsSync(path)).toBe(false);
+    expect(readFileSync(path, 'utf8')).toBe(text);
 
-    // The other run published the same thing; undoing it again is harmless.
+    // Undoing the last run that owns it removes it.
     expect((await engine.rollback(first.id)).status).toBe('rolled_back');
     expect(existsSync(path)).toBe(false);
   });
@@ -511,6 +512,34 @@ describe('publishFile and retractFile', () => {
 
       await retractFile(result, 'publish:x:1');
       await retractFile(result, 'publish:x:1');
+      expect(readFileSync(path, 'utf8')).toBe('before\n');
+      expect(readdirSync(join(outbox, '.published'))).toEqual([]);
+    } finally {
+      rmSync(outbox, { recursive: true, force: true });
+    }
+  });
+
+  it('two runs that publish the same brief share it: undoing one leaves the file for the other', async () => {
+    const outbox = mkdtempSync(join(tmpdir(), 'keel-outbox-'));
+    try {
+      const path = join(outbox, 'brief-x.md');
+      writeFileSync(path, 'before\n');
+      const key = 'publish:x:3';
+      const first = await publishFile(outbox, 'brief-x.md', 'after\n', key, 'run-a');
+      const second = await publishFile(outbox, 'brief-x.md', 'after\n', key, 'run-b');
+      expect(second).toEqual(first);
+      const ledger = join(outbox, '.published', `${sha256(key, 16)}.json`);
+      const owners = () =>
+        (JSON.parse(readFileSync(ledger, 'utf8')) as { owners: string[] }).owners;
+      expect(owners()).toEqual(['run-a', 'run-b']);
+
+      // The second run rolls back (twice, as after a crash): the first run's file stays.
+      await retractFile(second, key, 'run-b');
+      await retractFile(second, key, 'run-b');
+      expect(readFileSync(path, 'utf8')).toBe('after\n');
+      expect(owners()).toEqual(['run-a']);
+      // The last owner rolls back: the file is as it was before either.
+      await retractFile(first, key, 'run-a');
       expect(readFileSync(path, 'utf8')).toBe('before\n');
       expect(readdirSync(join(outbox, '.published'))).toEqual([]);
     } finally {

@@ -227,11 +227,11 @@ export default workflow<Brief>('brief', {
   )
   .effect('publish', {
     key: publishKey,
-    run: (state, { key }) => {
+    run: (state, { key, runId }) => {
       const { outbox, topic } = settings(state);
-      return publishFile(outbox, briefFileName(topic), state.draft ?? '', key);
+      return publishFile(outbox, briefFileName(topic), state.draft ?? '', key, runId);
     },
-    compensate: (result, { key }) => retractFile(result, key),
+    compensate: (result, { key, runId }) => retractFile(result, key, runId),
   }) satisfies CompleteWorkflow<Brief>;
 
 /** Input comes from JSON on the command line, so its types are checked before anything is used. */
@@ -294,7 +294,13 @@ async function markdownFiles(root: string, outbox: string): Promise<string[]> {
   return found;
 }
 
-type LedgerEntry = { key: string; status: 'pending' | 'done'; result: Publication };
+type LedgerEntry = {
+  key: string;
+  status: 'pending' | 'done';
+  result: Publication;
+  /** The runs whose publication this is: two runs that draft the same brief share one. */
+  owners?: string[];
+};
 
 function ledgerPath(folder: string, key: string): string {
   return join(folder, LEDGER_FOLDER, `${sha256(key, 16)}.json`);
@@ -303,17 +309,26 @@ function ledgerPath(folder: string, key: string): string {
 /**
  * Publishes `content` as `<outbox>/<name>`, at most once per `key`. The ledger entry is written as
  * `pending` before the file and `done` after it: a process that dies in between leaves `pending`,
- * and the next attempt still knows what the file held before the first one replaced it.
+ * and the next attempt still knows what the file held before the first one replaced it. `owner`
+ * (the run) is added to the entry's owners, so that undoing one run's publication leaves a file
+ * that another run with the same key also published.
  */
 export async function publishFile(
   outbox: string,
   name: string,
   content: string,
   key: string,
+  owner?: string,
 ): Promise<Publication> {
   const ledger = ledgerPath(outbox, key);
   const entry = await readLedger(ledger);
-  if (entry?.status === 'done') return entry.result;
+  const owners = withOwner(entry?.owners, owner);
+  if (entry?.status === 'done') {
+    if (owners && owners.length !== entry.owners?.length) {
+      await writeAtomic(ledger, JSON.stringify({ ...entry, owners }));
+    }
+    return entry.result;
+  }
   await mkdir(dirname(ledger), { recursive: true });
   const path = join(outbox, name);
   const result: Publication = {
@@ -322,18 +337,33 @@ export async function publishFile(
     sha256: sha256(content),
     replaced: entry ? entry.result.replaced : await readIfExists(path),
   };
-  if (!entry) await writeAtomic(ledger, JSON.stringify({ key, status: 'pending', result }));
+  if (!entry) {
+    await writeAtomic(ledger, JSON.stringify({ key, status: 'pending', result, owners }));
+  }
   await writeAtomic(path, content);
-  await writeAtomic(ledger, JSON.stringify({ key, status: 'done', result }));
+  await writeAtomic(ledger, JSON.stringify({ key, status: 'done', result, owners }));
   return result;
+}
+
+function withOwner(owners: string[] | undefined, owner: string | undefined) {
+  if (owner === undefined) return owners;
+  return owners?.includes(owner) ? owners : [...(owners ?? []), owner];
 }
 
 /**
  * Undoes {@link publishFile}: puts back the previous content, or removes the file when there was
  * none. A file edited since publication is left alone and reported, so rollback never destroys
- * someone's work. Safe to call again after it succeeded (or died half-way).
+ * someone's work. While another run still owns the publication, only `owner` is taken off it.
+ * Safe to call again after it succeeded (or died half-way).
  */
-export async function retractFile(result: Publication, key: string): Promise<void> {
+export async function retractFile(result: Publication, key: string, owner?: string): Promise<void> {
+  const ledger = ledgerPath(dirname(result.path), key);
+  const entry = await readLedger(ledger);
+  const others = entry?.owners?.filter((o) => o !== owner) ?? [];
+  if (owner !== undefined && others.length > 0) {
+    await writeAtomic(ledger, JSON.stringify({ ...entry, owners: others }));
+    return;
+  }
   const current = await readIfExists(result.path);
   if (current !== null && sha256(current) === result.sha256) {
     if (result.replaced === null) await rm(result.path, { force: true });
@@ -344,7 +374,7 @@ export async function retractFile(result: Publication, key: string): Promise<voi
         `hand, then roll back again.`,
     );
   }
-  await rm(ledgerPath(dirname(result.path), key), { force: true });
+  await rm(ledger, { force: true });
 }
 
 async function readLedger(path: string): Promise<LedgerEntry | null> {
