@@ -178,10 +178,17 @@ export class CompensationError extends KeelError {
 /** The database cannot be used as it is: not a keel database, corrupt, too new, or locked. */
 export class DatabaseError extends KeelError {
   override name = 'DatabaseError';
-  constructor(message: string, options?: KeelErrorOptions) {
+  /** Locked by another process past the busy timeout: waiting cures it. */
+  readonly busy: boolean;
+  constructor(message: string, options?: KeelErrorOptions & { busy?: boolean }) {
     super(ErrorCode.database, message, options);
+    this.busy = options?.busy === true;
   }
 }
+
+/** A database locked past the busy timeout (by a stalled process, a long transaction): transient. */
+export const isDatabaseBusy = (error: unknown): boolean =>
+  error instanceof DatabaseError && error.busy;
 
 const isNamed =
   <T extends Error>(name: string) =>

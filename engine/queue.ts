@@ -10,7 +10,7 @@
  * dead letter that says why, with the history of its parks.
  */
 import type { EngineDeps } from './deps.ts';
-import { ErrorCode, hasCode, serializeError } from './errors.ts';
+import { ErrorCode, hasCode, isDatabaseBusy, serializeError } from './errors.ts';
 import type { HeldRun } from './held-run.ts';
 import { backoffMs as jitter, toMs, type Duration } from './time.ts';
 import type { DeadLetter, DeadLetterReason, ParkRecord, QueueEntry, QueueReason } from './store.ts';
@@ -39,8 +39,12 @@ export function curableWait(
   return Math.max(backoff, retryAfterMs ?? 0, availableAt !== undefined ? availableAt - now : 0);
 }
 
-/** True for failures that waiting cures: every LLM tier was down, busy or cooling down. */
-export const isCurable = (error: unknown): boolean => hasCode(error, ErrorCode.llmUnavailable);
+/**
+ * True for failures that waiting cures: every LLM tier was down, busy or cooling down, or the
+ * database stayed locked past the busy timeout (a stalled process holding a write, say).
+ */
+export const isCurable = (error: unknown): boolean =>
+  hasCode(error, ErrorCode.llmUnavailable) || isDatabaseBusy(error);
 
 /** The longest a run of this workflow may wait in one stretch before it is dead-lettered. */
 export function maxWaitMs(maxWait: Duration | undefined): number {

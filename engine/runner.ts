@@ -326,6 +326,25 @@ async function runEffectStep(ex: Execution, node: EffectNode): Promise<void> {
   } catch (error) {
     tracker.restart(false);
     if (held.signal.aborted || isLeaseError(error)) throw held.signal.reason ?? error;
+    if (isCurable(error)) {
+      // The database stayed locked: no record was written, so the effect step runs again after
+      // the wait, and an effect whose run was called meets its own intent and its key again.
+      held.failures.push({
+        at: deps.clock.now(),
+        step: node.name,
+        attempt: 1,
+        error: String((error as Error).message).split('\n')[0]!,
+      });
+      const waitMs = curableWait(deps, deps.park, held.queued?.parks ?? 0, error);
+      held.queued = parkEntry(held, deps.clock.now(), node.name, error, waitMs);
+      if (waitMs >= deps.park.parkAfterMs) {
+        await park(ex, node.name, error, waitMs, {});
+        return;
+      }
+      retrying(ex, node.name, 1, waitMs, error);
+      await deps.clock.sleep(waitMs, held.signal);
+      return runEffectStep(ex, node);
+    }
     // An effect that happened is recorded even when saving its result failed.
     await fail(ex, node.name, error, 1, startedAt, applied ? { effect: applied } : {});
   }

@@ -18,7 +18,7 @@ import {
 } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { openEngine, openSqliteStore } from 'keel';
+import { openEngine, openSqliteStore, workflow } from 'keel';
 import { alpha } from './fixtures/bad-two.ts';
 import { FIXTURES, ROOT, keel, keelJson, tempDir, type KeelResult } from './support/index.ts';
 
@@ -431,5 +431,74 @@ describe('inputs keel cannot start a run with', () => {
     });
     expect(result.code).toBe(2);
     expect(result.stderr).toContain('KEEL_MAX_STATE_BYTES=lots is not a positive number of bytes.');
+  });
+});
+
+describe('a database locked past the busy timeout in the middle of a run', () => {
+  /** Another connection takes the write lock now and lets go after `ms`. */
+  function lockFor(file: string, ms: number): void {
+    const holder = new Database(file);
+    holder.exec('BEGIN IMMEDIATE');
+    setTimeout(() => {
+      holder.exec('COMMIT');
+      holder.close();
+    }, ms);
+  }
+
+  it('a step whose milestone meets the lock waits it out and runs again; the run completes, nothing spent', async () => {
+    const db = join(tempDir('keel-busy-'), 'keel.db');
+    let executions = 0;
+    const wf = workflow<{ n: number }>('busy-step', { version: 1 })
+      .step('first', (state) => {
+        executions += 1;
+        if (executions === 1) lockFor(db, 700);
+        state.n += 1;
+      })
+      .step('second', (state) => {
+        state.n += 10;
+      });
+    const engine = openEngine({ db, busyTimeoutMs: 100 });
+    try {
+      const run = await engine.start(wf, { n: 0 });
+      expect(run.error).toBeNull();
+      expect(run.status).toBe('completed');
+      expect(run.state).toEqual({ n: 11 });
+      expect(executions).toBeGreaterThanOrEqual(2);
+      const view = await engine.get(run.id);
+      expect(view.steps.map((s) => [s.name, s.status, s.attempts])).toEqual([
+        ['first', 'completed', 1],
+        ['second', 'completed', 1],
+      ]);
+    } finally {
+      await engine.close();
+    }
+  });
+
+  it('an effect step whose record meets the lock runs again with the same key and completes', async () => {
+    const db = join(tempDir('keel-busy-'), 'keel.db');
+    const calls: string[] = [];
+    const wf = workflow<{ sent?: string }>('busy-effect', { version: 1 }).effect('send', {
+      key: () => 'send:1',
+      run: (_state, { key }) => {
+        calls.push(key);
+        if (calls.length === 1) lockFor(db, 700);
+        return `receipt ${calls.length}`;
+      },
+      save: (state, receipt) => {
+        state.sent = receipt;
+      },
+    });
+    const engine = openEngine({ db, busyTimeoutMs: 100 });
+    try {
+      const run = await engine.start(wf, {});
+      expect(run.error).toBeNull();
+      expect(run.status).toBe('completed');
+      expect(new Set(calls)).toEqual(new Set(['send:1']));
+      expect(run.state).toEqual({ sent: `receipt ${calls.length}` });
+      const view = await engine.get(run.id);
+      expect(view.effects.map((e) => [e.key, e.status])).toEqual([['send:1', 'done']]);
+    } finally {
+      await engine.close();
+    }
   });
 });

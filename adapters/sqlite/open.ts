@@ -216,6 +216,7 @@ export function translate(error: unknown, file: string): unknown {
     return new DatabaseError(
       `${file} is locked by another process, and stayed locked past the busy timeout.`,
       {
+        busy: true,
         cause: error,
         hint: 'Another keel (or a sqlite3 shell holding a transaction) is writing; retry, or raise busyTimeoutMs.',
       },
