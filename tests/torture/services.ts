@@ -119,6 +119,9 @@ export async function startServices(judge?: Judge): Promise<Services> {
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(answer));
     });
   });
+  // Longer than any pause between two calls of one process: a keep-alive connection the server
+  // closes just as a client sends on it fails that call, a fault of this sink, not of keel.
+  sink.keepAliveTimeout = 120_000;
   await new Promise<void>((resolve) => sink.listen(0, '127.0.0.1', resolve));
 
   const llm: FakeOpenAI = await startFakeOpenAI();
