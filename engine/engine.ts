@@ -45,6 +45,18 @@ import { planResume, viewRun, type ResumePlan, type RunSummary, type RunView } f
 const HOLD_BACK_FIRST_MS = 1_000;
 const HOLD_BACK_MAX_MS = 5 * 60_000;
 
+/** Causes that trying again cannot remove: a changed or broken definition, a missing key. */
+const LASTING: ReadonlySet<string> = new Set([
+  ErrorCode.definition,
+  ErrorCode.input,
+  ErrorCode.versionMismatch,
+  ErrorCode.state,
+  ErrorCode.secretKeyMissing,
+  ErrorCode.secretDamaged,
+]);
+
+const needsAPerson = (error: unknown): boolean => isKeelError(error) && LASTING.has(error.code);
+
 export type EngineOptions = {
   store: Store;
   host: HostInfo;
@@ -769,17 +781,21 @@ export class Engine {
      * workflow file that fails to load) and when it may try each again. They stay in the queue as
      * they are: retried with backoff, not in a loop; `--until-idle` does not wait for them.
      */
-    const heldBack = new Map<string, { until: number; failures: number }>();
+    const heldBack = new Map<string, { until: number; failures: number; lasting: boolean }>();
     const isHeldBack = (runId: string, now: number) => (heldBack.get(runId)?.until ?? 0) > now;
+    /** Held back for good by `--until-idle`: a cause only a person can remove. */
+    const givenUp = (runId: string) => heldBack.get(runId)?.lasting === true && options.untilIdle;
     const holdBack = (runId: string, error: unknown) => {
       const failures = (heldBack.get(runId)?.failures ?? 0) + 1;
-      const waitMs = options.untilIdle
-        ? Infinity
-        : Math.min(HOLD_BACK_MAX_MS, HOLD_BACK_FIRST_MS * 2 ** (failures - 1));
-      heldBack.set(runId, { until: clock.now() + waitMs, failures });
+      const lasting = needsAPerson(error);
+      const waitMs =
+        options.untilIdle && lasting
+          ? Infinity
+          : Math.min(HOLD_BACK_MAX_MS, HOLD_BACK_FIRST_MS * 2 ** (failures - 1));
+      heldBack.set(runId, { until: clock.now() + waitMs, failures, lasting });
       report.errors += 1;
       this.deps.logger.error(
-        options.untilIdle
+        waitMs === Infinity
           ? 'worker: a run could not be carried on; it stays as it is'
           : `worker: a run could not be carried on; it stays as it is, tried again in ${Math.round(waitMs / 1000)} s`,
         { runId, error: String(error) },
@@ -829,7 +845,7 @@ export class Engine {
         await this.launchAbandoned(active, concurrency, launch, isHeldBack);
       }
       const stats = await store.queueStats();
-      if (options.untilIdle && active.size === 0 && (await this.idle(stats, isHeldBack))) {
+      if (options.untilIdle && active.size === 0 && (await this.idle(stats, givenUp))) {
         // Before calling it a day, runs left running by dead processes are work too.
         if (await this.launchAbandoned(active, concurrency, launch, isHeldBack)) continue;
         break;
@@ -862,15 +878,14 @@ export class Engine {
     return report;
   }
 
-  /** Whether nothing in the queue has a due time, but for runs this worker holds back. */
+  /** Whether nothing in the queue has a due time, but for runs this worker gave up on. */
   private async idle(
     stats: { nextDueAt: number | null },
-    isHeldBack: (runId: string, now: number) => boolean,
+    givenUp: (runId: string) => boolean | undefined,
   ): Promise<boolean> {
     if (stats.nextDueAt === null) return true;
-    const now = this.deps.clock.now();
     const timed = await this.deps.store.dueRuns(Number.MAX_SAFE_INTEGER, 1_000);
-    return timed.every((entry) => isHeldBack(entry.runId, now));
+    return timed.every((entry) => givenUp(entry.runId) === true);
   }
 
   /** Launches runs left running or compensating by dead processes; true when it launched any. */
