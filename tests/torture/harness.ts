@@ -470,7 +470,7 @@ export async function torture(options: TortureOptions): Promise<TortureReport> {
         await spawnKeel(lane, ['worker']).done;
       }
     }
-    await judge(report, planned, expected, world, laneEngine, (lane) => readers.get(lane));
+    await judge(report, planned, expected, world, laneEngine);
     for (let lane = 0; lane < lanes; lane++) {
       const db = reader(lane);
       const result = db?.pragma('integrity_check', { simple: true });
@@ -504,24 +504,26 @@ async function runReference(
     if (p.kind === 'waits') await engine.signal(runId, 'go', { n: p.input.n, from: 'harness' });
   }
   await engine.work({ untilIdle: true, pollMs: 20 });
+  const applied = keysByRun(ref.applied.values());
+  const compensated = keysByRun([...ref.compensations.values()].filter((c) => c.done));
   for (const [runId, p] of ids) {
     const view = await engine.get(runId);
-    const mine = (map: Map<string, { id: string }>) =>
-      [...map.entries()]
-        .filter(([, v]) => v.id === p.id)
-        .map(([k]) => k)
-        .sort();
     expected.set(p.id, {
       status: view.status,
       state: view.state,
       recorded: recordedOf(view),
-      effects: mine(ref.applied),
-      compensated: [...ref.compensations.values()]
-        .filter((c) => c.id === p.id && c.done)
-        .map((c) => c.key)
-        .sort(),
+      effects: applied.get(p.id) ?? [],
+      compensated: compensated.get(p.id) ?? [],
     });
   }
+}
+
+/** The keys of effects (or compensations) at a sink, by the input id of their run, sorted. */
+function keysByRun(entries: Iterable<{ id: string; key: string }>): Map<string, string[]> {
+  const byRun = new Map<string, string[]>();
+  for (const { id, key } of entries) byRun.set(id, [...(byRun.get(id) ?? []), key]);
+  for (const keys of byRun.values()) keys.sort();
+  return byRun;
 }
 
 async function judge(
@@ -530,7 +532,6 @@ async function judge(
   expected: Map<string, Expected>,
   world: Services,
   laneEngine: (lane: number) => Engine,
-  _reader: (lane: number) => Database.Database | undefined,
 ): Promise<void> {
   report.runs = planned.length;
   report.effectsApplied = world.applied.size;
@@ -539,6 +540,8 @@ async function judge(
   report.llmRequests = [...world.prompts.values()].reduce((a, b) => a + b, 0);
   report.duplicates += world.violations.length;
   report.failures.push(...world.violations);
+  const applied = keysByRun(world.applied.values());
+  const compensatedByRun = keysByRun([...world.compensations.values()].filter((c) => c.done));
   for (const p of planned) {
     const want = expected.get(p.id);
     if (!want) {
@@ -567,10 +570,7 @@ async function judge(
         `${p.id} (${p.kind}, run ${p.runId}): effects recorded as ${JSON.stringify(recordedOf(view))}, the reference ${JSON.stringify(want.recorded)}`,
       );
     }
-    const effects = [...world.applied.values()]
-      .filter((a) => a.id === p.id)
-      .map((a) => a.key)
-      .sort();
+    const effects = applied.get(p.id) ?? [];
     const extra = effects.filter((k) => !want.effects.includes(k));
     const missing = want.effects.filter((k) => !effects.includes(k));
     if (extra.length > 0) {
@@ -581,10 +581,7 @@ async function judge(
       report.lost += 1;
       report.failures.push(`${p.id}: effects never applied: ${missing.join(', ')}`);
     }
-    const compensated = [...world.compensations.values()]
-      .filter((c) => c.id === p.id && c.done)
-      .map((c) => c.key)
-      .sort();
+    const compensated = compensatedByRun.get(p.id) ?? [];
     if (!isDeepStrictEqual(compensated, want.compensated)) {
       report.mismatched += 1;
       report.failures.push(
