@@ -11,6 +11,8 @@ export default tseslint.config(
       '.keel/',
       'outbox/',
       'tests/fixtures/type-errors/',
+      'bench/peers/',
+      'bench/results/',
     ],
   },
   js.configs.recommended,

@@ -1,0 +1,146 @@
+/**
+ * keel's benchmark: one table comparing keel with the SQLite floor and with its peers, printed and
+ * written as JSON and Markdown under bench/results/ (not committed).
+ *
+ *   npm run bench [-- --quick] [-- --only steps,resume,router,queue,memory] [-- --reps N]
+ */
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { removeChildBin } from './children.ts';
+import { markdown, text, type Row } from './lib.ts';
+import { loadPeers } from './peers.ts';
+import { memorySection } from './sections/memory.ts';
+import { queueSection } from './sections/queue.ts';
+import { resumeSection } from './sections/resume.ts';
+import { routerSection } from './sections/router.ts';
+import { stepSections } from './sections/steps.ts';
+
+const SECTIONS = ['steps', 'resume', 'router', 'queue', 'memory'] as const;
+type Section = (typeof SECTIONS)[number];
+
+const USAGE = `Usage: npm run bench [-- options]
+  --quick          fewer steps, runs and repetitions (a smoke run; its figures are noisier)
+  --only LIST      sections to run, comma-separated: ${SECTIONS.join(', ')}
+  --reps N         repetitions per comparison (default 5; 3 with --quick)
+  --no-peers       leave out LangGraph.js and Mastra (no install)
+  --help           this text`;
+
+function options() {
+  try {
+    const { values } = parseArgs({
+      options: {
+        quick: { type: 'boolean', default: false },
+        only: { type: 'string' },
+        reps: { type: 'string' },
+        'no-peers': { type: 'boolean', default: false },
+        help: { type: 'boolean', default: false },
+      },
+    });
+    if (values.help) {
+      console.log(USAGE);
+      process.exit(0);
+    }
+    const only = (values.only ?? SECTIONS.join(',')).split(',').map((s) => s.trim());
+    const unknown = only.filter((s) => !(SECTIONS as readonly string[]).includes(s));
+    if (unknown.length) throw new Error(`unknown section ${unknown.join(', ')}`);
+    const reps = Number(values.reps ?? (values.quick ? 3 : 5));
+    if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps must be a positive integer`);
+    return {
+      quick: values.quick,
+      only: new Set(only as Section[]),
+      reps,
+      peers: !values['no-peers'],
+    };
+  } catch (error) {
+    console.error(`${(error as Error).message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
+
+const opts = options();
+const log = (line: string) => console.error(line);
+const scale = opts.quick
+  ? {
+      steps: 200,
+      peerLargeSteps: 50,
+      resume: [10, 1_000, 5_000],
+      calls: 100,
+      runs: 1_000,
+      memoryRuns: 2_000,
+    }
+  : {
+      steps: 1_000,
+      peerLargeSteps: 200,
+      resume: [10, 1_000, 10_000],
+      calls: 400,
+      runs: 5_000,
+      memoryRuns: 10_000,
+    };
+
+const root = dirname(fileURLToPath(import.meta.url));
+const work = mkdtempSync(join(tmpdir(), 'keel-bench-'));
+const rows: Row[] = [];
+const notes: string[] = [];
+const started = Date.now();
+try {
+  if (opts.only.has('steps')) {
+    const { peers, missing } = opts.peers ? await loadPeers(log) : { peers: [], missing: [] };
+    for (const m of missing) notes.push(`Peer left out: ${m}.`);
+    for (const p of peers) notes.push(`${p.name}: ${p.describe}.`);
+    log(`steps: ${scale.steps} steps, ${opts.reps} repetitions, ${peers.length} peer(s)...`);
+    rows.push(
+      ...(await stepSections({
+        dir: work,
+        reps: opts.reps,
+        steps: scale.steps,
+        peerLargeSteps: scale.peerLargeSteps,
+        peers,
+      })),
+    );
+  }
+  if (opts.only.has('resume')) {
+    log(`resume: runs killed after ${scale.resume.join(', ')} steps...`);
+    rows.push(...(await resumeSection(work, opts.reps, scale.resume)));
+  }
+  if (opts.only.has('router')) {
+    log(`router: ${scale.calls} calls per repetition...`);
+    rows.push(...(await routerSection(work, opts.reps, scale.calls)));
+  }
+  if (opts.only.has('queue')) {
+    log(`queue: ${scale.runs} runs per repetition...`);
+    rows.push(...(await queueSection(work, opts.reps, scale.runs, 8)));
+  }
+  if (opts.only.has('memory')) {
+    log(`memory: ${scale.memoryRuns} queued runs, a 10 MB state...`);
+    rows.push(...(await memorySection(work, Math.min(opts.reps, 3), scale.memoryRuns, 10)));
+  }
+} finally {
+  await removeChildBin();
+  rmSync(work, { recursive: true, force: true });
+}
+
+const machine = `Node ${process.version}, ${process.platform}/${process.arch}, ${cpus().length} × ${cpus()[0]?.model.trim() ?? 'CPU'}`;
+const header = `keel benchmark, ${new Date(started).toISOString()}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${opts.reps} repetitions, alternating; median, min-max, ratio of medians`;
+const missed = rows.filter((r) => r.met === false);
+console.log(`\n${header}\n\n${text(rows)}\n`);
+for (const note of notes) console.log(note);
+console.log(
+  missed.length
+    ? `Goals missed: ${missed.map((r) => `${r.section}, ${r.subject}`).join('; ')}.`
+    : 'Every goal met.',
+);
+
+const out = join(root, 'results');
+mkdirSync(out, { recursive: true });
+const stamp = new Date(started).toISOString().replace(/[:.]/g, '-');
+const body = `${header}\n\n${markdown(rows)}\n\n${notes.map((n) => `- ${n}`).join('\n')}\n`;
+writeFileSync(join(out, `bench-${stamp}.md`), body);
+writeFileSync(
+  join(out, `bench-${stamp}.json`),
+  `${JSON.stringify({ startedAt: new Date(started).toISOString(), quick: opts.quick, reps: opts.reps, machine, notes, rows }, null, 2)}\n`,
+);
+writeFileSync(join(out, 'latest.md'), body);
+console.log(`Written: ${relative(process.cwd(), join(out, `bench-${stamp}.{json,md}`))}`);

@@ -1,0 +1,92 @@
+/**
+ * The engines keel is compared with live in `bench/peers/`, a package of their own: `npm ci` and the
+ * tests never carry them. The first `npm run bench` installs them from the lock file there; without
+ * a registry the benchmark still runs keel's sections and the table says the peers are missing.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const PEERS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'peers');
+
+export interface LinearOptions {
+  file: string;
+  steps: number;
+  stateBytes: number;
+  synchronous: 'NORMAL' | 'FULL';
+}
+
+export interface PreparedRun {
+  run(): Promise<{ stepsRun: number }>;
+  close(): Promise<void>;
+}
+
+export interface Peer {
+  name: string;
+  /** How it was set up (store, journal mode, durability), for the table. */
+  describe: string;
+  prepareLinear(options: LinearOptions): Promise<PreparedRun>;
+}
+
+interface PeerModule {
+  prepareLinear(options: LinearOptions): Promise<PreparedRun>;
+  describe(options: LinearOptions): string;
+}
+
+const MODULES = [
+  { name: 'LangGraph.js', file: 'langgraph.ts', version: '@langchain/langgraph' },
+  { name: 'Mastra', file: 'mastra.ts', version: '@mastra/core' },
+] as const;
+
+/** Whether the installed packages are those the lock file names. */
+function installed(): boolean {
+  const lock = join(PEERS_DIR, 'package-lock.json');
+  const done = join(PEERS_DIR, 'node_modules', '.package-lock.json');
+  if (!existsSync(done)) return false;
+  const wanted = JSON.parse(readFileSync(lock, 'utf8')) as { packages: Record<string, unknown> };
+  const have = JSON.parse(readFileSync(done, 'utf8')) as { packages: Record<string, unknown> };
+  return MODULES.every(
+    (m) =>
+      JSON.stringify(have.packages[`node_modules/${m.version}`]) ===
+      JSON.stringify(wanted.packages[`node_modules/${m.version}`]),
+  );
+}
+
+/** Installs the peers if they are not there yet; returns why not when that fails. */
+export function ensurePeers(log: (line: string) => void): string | null {
+  if (installed()) return null;
+  log('Installing the peers (LangGraph.js, Mastra) into bench/peers, once; this takes a minute...');
+  const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+  const result = spawnSync(npm, ['ci', '--no-audit', '--no-fund', '--loglevel=error'], {
+    cwd: PEERS_DIR,
+    stdio: ['ignore', 'inherit', 'inherit'],
+    // Mastra declares Node 22; it runs on 20, and the engine check must not stop the install.
+    env: { ...process.env, npm_config_engine_strict: 'false' },
+  });
+  if (result.status === 0 && installed()) return null;
+  return `npm ci in bench/peers failed (${result.error?.message ?? `exit ${result.status}`})`;
+}
+
+export async function loadPeers(log: (line: string) => void): Promise<{
+  peers: Peer[];
+  missing: string[];
+}> {
+  const why = ensurePeers(log);
+  if (why) return { peers: [], missing: MODULES.map((m) => `${m.name}: ${why}`) };
+  const peers: Peer[] = [];
+  const missing: string[] = [];
+  for (const m of MODULES) {
+    try {
+      const mod = (await import(join(PEERS_DIR, m.file))) as PeerModule;
+      peers.push({
+        name: m.name,
+        describe: mod.describe({ file: '', steps: 0, stateBytes: 0, synchronous: 'NORMAL' }),
+        prepareLinear: (o) => mod.prepareLinear(o),
+      });
+    } catch (error) {
+      missing.push(`${m.name}: ${String((error as Error)?.message ?? error).split('\n')[0]}`);
+    }
+  }
+  return { peers, missing };
+}
