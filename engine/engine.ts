@@ -844,7 +844,7 @@ export class Engine {
         lastScan = now;
         await this.launchAbandoned(active, concurrency, launch, isHeldBack);
       }
-      const stats = await store.queueStats();
+      const stats = { nextDueAt: await store.nextDueAt() };
       if (options.untilIdle && active.size === 0 && (await this.idle(stats, givenUp))) {
         // Before calling it a day, runs left running by dead processes are work too.
         if (await this.launchAbandoned(active, concurrency, launch, isHeldBack)) continue;

@@ -289,6 +289,8 @@ export interface Store extends TierStateStore {
   getQueueEntry(runId: string): Promise<QueueEntry | undefined>;
   /** How many entries are queued, and the earliest due time among them (null when none is timed). */
   queueStats(): Promise<{ waiting: number; nextDueAt: number | null }>;
+  /** The earliest due time in the queue (what the worker sleeps until); one index lookup. */
+  nextDueAt(): Promise<number | null>;
   listDeadLetters(options?: { includeDropped?: boolean }): Promise<DeadLetter[]>;
   getDeadLetter(runId: string): Promise<DeadLetter | undefined>;
   /** Marks an entry dropped (kept for the record); false when there is none to drop. */

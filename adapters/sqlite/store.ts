@@ -7,7 +7,18 @@
  * and reused; the run update is prepared per set of columns it touches.
  */
 import type Database from 'better-sqlite3';
-import { and, asc, desc, eq, getTableColumns, gte, inArray, sql, type SQL } from 'drizzle-orm';
+import {
+  and,
+  asc,
+  desc,
+  eq,
+  getTableColumns,
+  getTableName,
+  inArray,
+  sql,
+  type SQL,
+} from 'drizzle-orm';
+import type { SQLiteColumn } from 'drizzle-orm/sqlite-core';
 import { drizzle, type BetterSQLite3Database } from 'drizzle-orm/better-sqlite3';
 import { LeaseError } from '../../engine/errors.ts';
 import type {
@@ -42,6 +53,17 @@ const RUN_SELECTION = {
   input: runSpecs.input,
   options: runSpecs.options,
 };
+
+/**
+ * `"table"."column" AS "field"` for each field: a plain prepared statement then returns rows shaped
+ * as drizzle's query builder would, without building the query (and preparing it) on every call,
+ * which cost more than the query itself on the worker's path.
+ */
+function selectList(fields: Record<string, SQLiteColumn>): string {
+  return Object.entries(fields)
+    .map(([field, column]) => `"${getTableName(column.table)}"."${column.name}" AS "${field}"`)
+    .join(', ');
+}
 
 const RUN_COLUMNS: Record<string, string> = {
   status: 'status',
@@ -146,6 +168,28 @@ export class SqliteStore implements Store {
         'UPDATE llm_calls SET replays = replays + 1, updated_at = ? WHERE run_id = ? AND step_index = ? AND position = ?',
       ),
       getTier: p('SELECT * FROM llm_tiers WHERE tier = ?'),
+      getRun: p(
+        `SELECT ${selectList(RUN_SELECTION)} FROM runs JOIN run_specs ON run_specs.run_id = runs.id WHERE runs.id = ?`,
+      ),
+      claimLease: p(
+        `UPDATE runs SET epoch = epoch + 1, lease_owner = ?, lease_pid = ?, lease_host = ?,
+           lease_expires_at = ? WHERE id = ? AND epoch = ?`,
+      ),
+      getQueueEntry: p(`SELECT ${selectList(getTableColumns(queue))} FROM queue WHERE run_id = ?`),
+      nextDueAt: p('SELECT min(due_at) AS next FROM queue'),
+      queueSize: p('SELECT count(*) AS n FROM queue'),
+      loadCheckpoints: p(
+        `SELECT ${selectList(getTableColumns(checkpoints))} FROM checkpoints WHERE run_id = ? AND seq >= ? ORDER BY seq`,
+      ),
+      listSteps: p(
+        `SELECT ${selectList(getTableColumns(steps))} FROM steps WHERE run_id = ? ORDER BY idx, epoch`,
+      ),
+      listEffects: p(
+        `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ? ORDER BY started_at`,
+      ),
+      getEffect: p(
+        `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ? AND key = ?`,
+      ),
       putTier: p(
         `INSERT OR REPLACE INTO llm_tiers (tier, breaker, failures, open_until, probe_owner, probe_until,
            down_until, misconfigured, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -334,19 +378,22 @@ export class SqliteStore implements Store {
   }
 
   async getQueueEntry(runId: string): Promise<QueueEntry | undefined> {
-    const row = this.guard(() => this.db.select().from(queue).where(eq(queue.runId, runId)).get());
+    const row = this.guard(
+      () => this.statements.getQueueEntry.get(runId) as typeof queue.$inferSelect | undefined,
+    );
     return row && { ...row, reason: row.reason as QueueEntry['reason'] };
   }
 
   async queueStats(): Promise<{ waiting: number; nextDueAt: number | null }> {
-    const row = this.guard(
-      () =>
-        this.sqlite.prepare('SELECT count(*) AS n, min(due_at) AS next FROM queue').get() as {
-          n: number;
-          next: number | null;
-        },
-    );
-    return { waiting: row.n, nextDueAt: row.next };
+    return this.guard(() => {
+      const { n } = this.statements.queueSize.get() as { n: number };
+      const { next } = this.statements.nextDueAt.get() as { next: number | null };
+      return { waiting: n, nextDueAt: next };
+    });
+  }
+
+  async nextDueAt(): Promise<number | null> {
+    return this.guard(() => (this.statements.nextDueAt.get() as { next: number | null }).next);
   }
 
   async listDeadLetters(options: { includeDropped?: boolean } = {}): Promise<DeadLetter[]> {
@@ -404,7 +451,7 @@ export class SqliteStore implements Store {
   }
 
   async getRun(id: string): Promise<RunRecord | undefined> {
-    const row = this.guard(() => this.selectRuns().where(eq(runs.id, id)).get());
+    const row = this.guard(() => this.statements.getRun.get(id) as RunRow | undefined);
     return row && fromRow(row);
   }
 
@@ -436,17 +483,14 @@ export class SqliteStore implements Store {
 
   async claimLease(id: string, expectedEpoch: number, claim: LeaseClaim): Promise<number | null> {
     const result = this.guard(() =>
-      this.db
-        .update(runs)
-        .set({
-          epoch: sql`${runs.epoch} + 1`,
-          leaseOwner: claim.owner,
-          leasePid: claim.pid,
-          leaseHost: claim.host,
-          leaseExpiresAt: claim.expiresAt,
-        })
-        .where(and(eq(runs.id, id), eq(runs.epoch, expectedEpoch)))
-        .run(),
+      this.statements.claimLease.run(
+        claim.owner,
+        claim.pid,
+        claim.host,
+        claim.expiresAt,
+        id,
+        expectedEpoch,
+      ),
     );
     return result.changes === 1 ? expectedEpoch + 1 : null;
   }
@@ -465,49 +509,23 @@ export class SqliteStore implements Store {
   }
 
   async loadCheckpoints(id: string, fromSeq: number): Promise<CheckpointRecord[]> {
-    const rows = this.guard(() =>
-      this.db
-        .select()
-        .from(checkpoints)
-        .where(and(eq(checkpoints.runId, id), gte(checkpoints.seq, fromSeq)))
-        .orderBy(asc(checkpoints.seq))
-        .all(),
-    );
-    return rows;
+    return this.guard(() => this.statements.loadCheckpoints.all(id, fromSeq) as CheckpointRecord[]);
   }
 
   async listSteps(id: string): Promise<StepRecord[]> {
-    return this.guard(() =>
-      this.db
-        .select()
-        .from(steps)
-        .where(eq(steps.runId, id))
-        .orderBy(asc(steps.index), asc(steps.epoch))
-        .all(),
-    ).map(({ epoch: _epoch, ...step }) => step);
+    return this.guard(() => this.statements.listSteps.all(id) as (typeof steps.$inferSelect)[]).map(
+      ({ epoch: _epoch, ...step }) => step,
+    );
   }
 
   async listEffects(id: string): Promise<EffectRecord[]> {
-    const rows = this.guard(() =>
-      this.db
-        .select()
-        .from(effects)
-        .where(eq(effects.runId, id))
-        .orderBy(asc(effects.startedAt))
-        .all(),
-    );
-    return rows.map((r) => ({ ...r, status: r.status as EffectStatus }));
+    const rows = this.guard(() => this.statements.listEffects.all(id) as EffectRow[]);
+    return rows.map(fromEffectRow);
   }
 
   async getEffect(id: string, key: string): Promise<EffectRecord | undefined> {
-    const row = this.guard(() =>
-      this.db
-        .select()
-        .from(effects)
-        .where(and(eq(effects.runId, id), eq(effects.key, key)))
-        .get(),
-    );
-    return row && { ...row, status: row.status as EffectStatus };
+    const row = this.guard(() => this.statements.getEffect.get(id, key) as EffectRow | undefined);
+    return row && fromEffectRow(row);
   }
 
   async recordLlmCall(epoch: number, call: LlmCallRecord): Promise<void> {
@@ -817,6 +835,14 @@ function toRow(
     leaseExpiresAt: lease?.expiresAt ?? null,
   };
 }
+
+/** An effect row as a plain statement returns it: its flag is SQLite's 0 or 1. */
+type EffectRow = Omit<typeof effects.$inferSelect, 'compensable'> & { compensable: number };
+const fromEffectRow = (r: EffectRow): EffectRecord => ({
+  ...r,
+  status: r.status as EffectStatus,
+  compensable: r.compensable === 1,
+});
 
 function fromRow(row: RunRow): RunRecord {
   const { leaseOwner, leasePid, leaseHost, leaseExpiresAt, cancelRequested, ...rest } = row;
