@@ -90,6 +90,9 @@ try {
     const { peers, missing } = opts.peers ? await loadPeers(log) : { peers: [], missing: [] };
     for (const m of missing) notes.push(`Peer left out: ${m}.`);
     for (const p of peers) notes.push(`${p.name}: ${p.describe}.`);
+    notes.push(
+      "Written per step: what the process passed to write(2) (wchar of /proc/self/io). SQLite writes whole 4 KB pages to the WAL and copies them into the database file at each WAL checkpoint, so even the floor's 200-byte row costs several KB; 'stored in rows' is what keel's milestones hold.",
+    );
     log(`steps: ${scale.steps} steps, ${opts.reps} repetitions, ${peers.length} peer(s)...`);
     rows.push(
       ...(await stepSections({
@@ -124,6 +127,7 @@ try {
 
 const machine = `Node ${process.version}, ${process.platform}/${process.arch}, ${cpus().length} × ${cpus()[0]?.model.trim() ?? 'CPU'}`;
 const header = `keel benchmark, ${new Date(started).toISOString()}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${opts.reps} repetitions, alternating; median, min-max, ratio of medians`;
+for (const note of new Set(rows.map((r) => r.note))) if (note) notes.push(note);
 const missed = rows.filter((r) => r.met === false);
 console.log(`\n${header}\n\n${text(rows)}\n`);
 for (const note of notes) console.log(note);

@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { isLeaseError } from '../engine/errors.ts';
 import type { RunRecord } from '../engine/store.ts';
 import { openSqliteStore } from '../adapters/sqlite/store.ts';
+import { openEngine, workflow } from '../adapters/index.ts';
 import { storeConformance } from './store-conformance.ts';
 import { tempDir } from './support/index.ts';
 
@@ -99,6 +100,44 @@ describe('SqliteStore across connections to one file', () => {
     } finally {
       await owner.close();
       await taker.close();
+    }
+  });
+});
+
+describe("SqliteStore's look at the queue", () => {
+  const dir = tempDir('keel-store-queue-');
+  const noop = workflow<{ n: number }>('queue-look', { version: 1 }).step('only', (state) => {
+    state.n += 1;
+  });
+
+  it('reads due entries in claim order from queue_ready_idx, stopping at its limit, without a sort', async () => {
+    const db = join(dir, 'look.db');
+    const engine = openEngine({ db });
+    const low = await engine.enqueue(noop, { n: 1 }, { priority: 0 });
+    const high = await engine.enqueue(noop, { n: 2 }, { priority: 5 });
+    const later = await engine.enqueue(noop, { n: 3 }, { priority: 9, delay: 60_000 });
+    const second = await engine.enqueue(noop, { n: 4 }, { priority: 0 });
+    await engine.close();
+
+    const store = openSqliteStore(db);
+    try {
+      const due = await store.dueRuns(Date.now(), 2);
+      expect(due.map((e) => e.runId)).toEqual([high.runId, low.runId]);
+      const all = await store.dueRuns(Date.now(), 10);
+      expect(all.map((e) => e.runId)).toEqual([high.runId, low.runId, second.runId]);
+      const laterEntry = await store.getQueueEntry(later.runId);
+      expect(await store.nextDueAt()).toBe(
+        Math.min(...all.map((e) => e.dueAt!), laterEntry!.dueAt!),
+      );
+      const plan = store.sqlite
+        .prepare(
+          `EXPLAIN QUERY PLAN SELECT * FROM queue WHERE due_at IS NOT NULL AND due_at <= ?
+           ORDER BY priority DESC, due_at ASC, created_at ASC LIMIT ?`,
+        )
+        .all(Date.now(), 10) as { detail: string }[];
+      expect(plan.map((p) => p.detail)).toEqual(['SCAN queue USING INDEX queue_ready_idx']);
+    } finally {
+      await store.close();
     }
   });
 });

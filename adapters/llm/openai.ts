@@ -122,21 +122,28 @@ export function openaiProvider(options: OpenAIProviderOptions): OpenAIProvider {
       const params = toOpenAIParams(request, options.model);
       const started = performance.now();
       // The SDK's own timeout stops at the response headers; a body that never comes would hang,
-      // so the whole call runs under a timer of its own.
-      const timer = new AbortController();
-      const handle =
-        options.timeoutMs !== undefined
-          ? setTimeout(() => timer.abort(), options.timeoutMs)
-          : undefined;
-      const signals = signal ? [signal, timer.signal] : [timer.signal];
+      // so the whole call runs under a timer of its own. The caller's signal is relayed by a
+      // listener: AbortSignal.any costs more than the rest of the router together.
+      const timed = options.timeoutMs !== undefined ? new AbortController() : undefined;
+      const relay = () => timed?.abort(signal?.reason);
+      if (timed) signal?.addEventListener('abort', relay, { once: true });
+      let timedOut = false;
+      const handle = timed
+        ? setTimeout(() => {
+            timedOut = true;
+            timed.abort();
+          }, options.timeoutMs)
+        : undefined;
+      const callSignal = timed?.signal ?? signal;
       let completion: ChatCompletion;
       try {
-        completion = await client.chat.completions.create(params, {
-          signal: AbortSignal.any(signals),
-        });
+        completion = await client.chat.completions.create(
+          params,
+          callSignal ? { signal: callSignal } : undefined,
+        );
       } catch (err) {
         if (signal?.aborted) throw signal.reason;
-        if (timer.signal.aborted) {
+        if (timedOut) {
           throw new ProviderError(name, {
             kind: 'timeout',
             message: `no complete answer within ${options.timeoutMs} ms`,
@@ -145,6 +152,7 @@ export function openaiProvider(options: OpenAIProviderOptions): OpenAIProvider {
         throw new ProviderError(name, toFailure(err, options.apiKey));
       } finally {
         clearTimeout(handle);
+        signal?.removeEventListener('abort', relay);
       }
       const response = fromOpenAICompletion(
         completion,

@@ -16,7 +16,10 @@ type Sync = 'NORMAL' | 'FULL';
 type State = { i: number; note: string; blob: string };
 interface Sample {
   usPerStep: number;
+  /** What the process passed to write(2), per step: WAL frames are whole pages. */
   bytesPerStep: number | null;
+  /** keel only: the bytes of the rows its milestones stored, per step. */
+  storedPerStep?: number;
 }
 
 export interface StepOptions {
@@ -57,7 +60,8 @@ const fresh = (dir: string, name: string) => join(dir, `${name}-${++files}.db`);
 
 function keel(dir: string, wf: Workflow<State>, steps: number, stateBytes: number, sync: Sync) {
   return async (): Promise<Sample> => {
-    const engine = openEngine({ db: fresh(dir, `keel-${sync}`), synchronous: sync });
+    const db = fresh(dir, `keel-${sync}`);
+    const engine = openEngine({ db, synchronous: sync });
     try {
       let status = '';
       const sample = await measure(steps, async () => {
@@ -65,7 +69,7 @@ function keel(dir: string, wf: Workflow<State>, steps: number, stateBytes: numbe
         status = `${result.status} ${result.state.i}`;
       });
       if (status !== `completed ${steps}`) throw new Error(`keel's run ended ${status}`);
-      return sample;
+      return { ...sample, storedPerStep: storedBytes(db) / steps };
     } finally {
       await engine.close();
     }
@@ -73,10 +77,29 @@ function keel(dir: string, wf: Workflow<State>, steps: number, stateBytes: numbe
 }
 
 /**
+ * The bytes of the rows a run's milestones stored: every checkpoint after the first (the input's
+ * snapshot) and every step record, counted as the text they hold plus their keys.
+ */
+function storedBytes(db: string): number {
+  const sqlite = new Database(db, { readonly: true });
+  try {
+    const sum = (sql: string) => (sqlite.prepare(sql).get() as { b: number | null }).b ?? 0;
+    return (
+      sum(`SELECT sum(length(run_id) + length(step) + length(data) + 24) AS b FROM checkpoints
+           WHERE seq > 1`) +
+      sum(`SELECT sum(length(run_id) + length(name) + length(status) + ifnull(length(next), 0)
+             + ifnull(length(error), 0) + 48) AS b FROM steps`)
+    );
+  } finally {
+    sqlite.close();
+  }
+}
+
+/**
  * The floor: one `BEGIN IMMEDIATE` transaction per step inserting one row of `rowBytes` into a
  * table keyed like keel's checkpoints, on a WAL database at the same `synchronous`.
  */
-function bare(dir: string, steps: number, rowBytes: () => number, sync: Sync) {
+function bare(dir: string, steps: number, rowBytes: number, sync: Sync) {
   return async (): Promise<Sample> => {
     const sqlite = new Database(fresh(dir, `bare-${sync}`));
     try {
@@ -86,7 +109,7 @@ function bare(dir: string, steps: number, rowBytes: () => number, sync: Sync) {
         'CREATE TABLE t (run_id TEXT, seq INTEGER, data TEXT, PRIMARY KEY (run_id, seq)) WITHOUT ROWID',
       );
       const insert = sqlite.prepare('INSERT INTO t VALUES (?, ?, ?)');
-      const payload = 'x'.repeat(rowBytes());
+      const payload = 'x'.repeat(rowBytes);
       const tx = sqlite.transaction((seq: number) => insert.run('run', seq, payload));
       return await measure(steps, async () => {
         for (let i = 0; i < steps; i++) tx.immediate(i);
@@ -118,134 +141,113 @@ function peer(dir: string, p: Peer, steps: number, stateBytes: number) {
   };
 }
 
-/** What keel writes to its tables per step of this workflow: the bare side writes as much. */
-function keelRowBytes(dir: string, wf: Workflow<State>, steps: number) {
-  let bytes = 0;
-  return {
-    get: () => bytes,
-    async measure() {
-      const db = fresh(dir, 'keel-size');
-      const engine = openEngine({ db });
-      await engine.start(wf, { i: 0, note: '', blob: '' });
-      await engine.close();
-      const sqlite = new Database(db, { readonly: true });
-      const sum = (sql: string) => (sqlite.prepare(sql).get() as { b: number }).b;
-      bytes = Math.round(
-        (sum(
-          `SELECT sum(length(data) + length(step) + 16) AS b FROM checkpoints WHERE kind = 'patch'`,
-        ) +
-          sum(`SELECT sum(length(name) + length(status) + 40) AS b FROM steps`)) /
-          steps,
-      );
-      sqlite.close();
-    },
-  };
+/** What keel's milestones store per step of this workflow: the bare side writes as much. */
+async function keelRowBytes(dir: string, wf: Workflow<State>, steps: number): Promise<number> {
+  const db = fresh(dir, 'keel-size');
+  const engine = openEngine({ db });
+  await engine.start(wf, { i: 0, note: '', blob: '' });
+  await engine.close();
+  return Math.round(storedBytes(db) / steps);
 }
 
 export async function stepSections(options: StepOptions): Promise<Row[]> {
   const { dir, reps, steps, peers } = options;
   const wf = linear(steps);
-  const size = keelRowBytes(dir, wf, steps);
-  await size.measure();
+  const rowBytes = await keelRowBytes(dir, wf, steps);
   // Warm up: module loading, JIT, the first file in the folder.
   await keel(dir, wf, steps, 0, 'NORMAL')();
-  await bare(dir, steps, size.get, 'NORMAL')();
+  await bare(dir, steps, rowBytes, 'NORMAL')();
 
   const rows: Row[] = [];
   for (const sync of ['NORMAL', 'FULL'] as const) {
     const contenders: Record<string, () => Promise<Sample>> = {
-      bare: bare(dir, steps, size.get, sync),
-      keel: keel(dir, wf, steps, 0, sync),
+      [`bare (${sync})`]: bare(dir, steps, rowBytes, sync),
+      [`keel (${sync})`]: keel(dir, wf, steps, 0, sync),
     };
     if (sync === 'NORMAL') for (const p of peers) contenders[p.name] = peer(dir, p, steps, 0);
     const results = await alternate(reps, contenders);
-    const floor = {
-      subject: `bare (${sync})`,
-      samples: results.bare!.map((s) => s.usPerStep),
-    };
-    const section = `1. ${steps} no-op steps`;
-    const subject = (name: string) =>
-      name === 'bare'
-        ? `bare better-sqlite3 transaction (${sync}, ${size.get()} B/step)`
-        : name === 'keel'
-          ? `keel (${sync})`
-          : `${name} (${peers.find((p) => p.name === name)!.describe})`;
-    for (const [name, samples] of Object.entries(results)) {
-      const r = row(
-        {
+    rows.push(
+      ...table(
+        `1. ${steps.toLocaleString('en')} no-op steps`,
+        rowBytes,
+        results,
+        `bare (${sync})`,
+        (r) => withGoal(r, '≤ 1.3x floor', (x) => x.ratio! <= 1.3),
+      ),
+    );
+  }
+  rows.push(...(await largeState(options, wf, rowBytes)));
+  return rows;
+}
+
+/**
+ * Rows for one comparison: time per step against the floor, bytes the process wrote per step, and
+ * for keel the bytes its rows hold per step. `goal` marks keel's time row.
+ */
+function table(
+  section: string,
+  rowBytes: number,
+  results: Record<string, Sample[]>,
+  floor: string,
+  goal?: (r: Row) => Row,
+  storedGoal?: (r: Row) => Row,
+): Row[] {
+  const reference = { subject: floor, samples: results[floor]!.map((s) => s.usPerStep) };
+  const floorNote = `The floor: one BEGIN IMMEDIATE transaction per step inserting one row of ${rowBytes} B (what keel's milestone stores for a step) into a WITHOUT ROWID table on a WAL database at the same synchronous setting.`;
+  const rows: Row[] = [];
+  for (const [subject, samples] of Object.entries(results)) {
+    const isKeel = subject.startsWith('keel');
+    const time = row(
+      {
+        section,
+        subject,
+        metric: 'time per step',
+        unit: 'µs',
+        samples: samples.map((s) => s.usPerStep),
+      },
+      subject === floor ? undefined : reference,
+    );
+    if (subject === floor) time.note = floorNote;
+    rows.push(isKeel && goal ? goal(time) : time);
+    const written = samples.map((s) => s.bytesPerStep);
+    if (written.every((b) => b !== null)) {
+      rows.push(
+        row({
           section,
-          subject: subject(name),
-          metric: 'time per step',
-          unit: 'µs',
-          samples: samples.map((s) => s.usPerStep),
-        },
-        name === 'bare' ? undefined : floor,
+          subject,
+          metric: 'written per step',
+          unit: 'B',
+          samples: written,
+        }),
       );
-      rows.push(name === 'keel' ? withGoal(r, '≤ 1.3x floor', (x) => x.ratio! <= 1.3) : r);
-      const written = samples.map((s) => s.bytesPerStep);
-      if (written.every((b) => b !== null)) {
-        rows.push(
-          row({
-            section,
-            subject: subject(name),
-            metric: 'written per step',
-            unit: 'B',
-            samples: written,
-          }),
-        );
-      }
+    }
+    if (isKeel) {
+      const stored = row({
+        section,
+        subject,
+        metric: 'stored in rows per step',
+        unit: 'B',
+        samples: samples.map((s) => s.storedPerStep!),
+      });
+      rows.push(storedGoal ? storedGoal(stored) : stored);
     }
   }
-  rows.push(...(await largeState(options, wf, size.get)));
   return rows;
 }
 
 /** Section 2: the same workflow carrying a 100 KB string the steps never touch. */
-async function largeState(
-  options: StepOptions,
-  wf: Workflow<State>,
-  rowBytes: () => number,
-): Promise<Row[]> {
+async function largeState(options: StepOptions, wf: Workflow<State>, rowBytes: number) {
   const { dir, reps, steps, peers, peerLargeSteps } = options;
   const stateBytes = 100_000;
   const contenders: Record<string, () => Promise<Sample>> = {
-    bare: bare(dir, steps, rowBytes, 'NORMAL'),
-    keel: keel(dir, wf, steps, stateBytes, 'NORMAL'),
+    'bare (NORMAL)': bare(dir, steps, rowBytes, 'NORMAL'),
+    'keel (NORMAL)': keel(dir, wf, steps, stateBytes, 'NORMAL'),
   };
-  for (const p of peers) contenders[p.name] = peer(dir, p, peerLargeSteps, stateBytes);
-  const results = await alternate(reps, contenders);
-  const section = '2. 100 KB state';
-  const rows: Row[] = [];
-  const floor = { subject: 'bare (NORMAL)', samples: results.bare!.map((s) => s.usPerStep) };
-  for (const [name, samples] of Object.entries(results)) {
-    const subject =
-      name === 'bare'
-        ? `bare better-sqlite3 transaction (NORMAL, ${rowBytes()} B/step)`
-        : name === 'keel'
-          ? `keel (NORMAL), ${steps} steps`
-          : `${name}, ${peerLargeSteps} steps`;
-    rows.push(
-      row(
-        {
-          section,
-          subject,
-          metric: 'time per step',
-          unit: 'µs',
-          samples: samples.map((s) => s.usPerStep),
-        },
-        name === 'bare' ? undefined : floor,
-      ),
-    );
-    const written = samples.map((s) => s.bytesPerStep);
-    if (written.some((b) => b === null)) continue;
-    const r = row({
-      section,
-      subject,
-      metric: 'written per step',
-      unit: 'B',
-      samples: written as number[],
-    });
-    rows.push(name === 'keel' ? withGoal(r, '≤ 2 KB', (x) => x.median <= 2048) : r);
+  for (const p of peers) {
+    contenders[`${p.name}, ${peerLargeSteps} steps`] = peer(dir, p, peerLargeSteps, stateBytes);
   }
-  return rows;
+  const results = await alternate(reps, contenders);
+  return table('2. 100 KB state', rowBytes, results, 'bare (NORMAL)', undefined, (r) =>
+    withGoal(r, '≤ 2 KB', (x) => x.median <= 2048),
+  );
 }
