@@ -830,7 +830,9 @@ export class Engine {
       const now = clock.now();
       const before = active.size;
       if (active.size < concurrency) {
-        const due = await store.dueRuns(now, 2 * concurrency + active.size);
+        // Enough for the free slots past the entries this worker holds or holds back, which come
+        // first when due; each entry read costs a lookup, and a busy worker looks often.
+        const due = await store.dueRuns(now, concurrency + Math.min(heldBack.size, 1_000));
         const busy = new Map<string, number>();
         for (const entry of due) {
           if (active.size >= concurrency) break;

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { isLeaseError } from '../engine/errors.ts';
 import type { RunRecord } from '../engine/store.ts';
-import { openSqliteStore } from '../adapters/sqlite/store.ts';
+import { DUE_RUNS_SQL, openSqliteStore } from '../adapters/sqlite/store.ts';
 import { openEngine, workflow } from '../adapters/index.ts';
 import { storeConformance } from './store-conformance.ts';
 import { tempDir } from './support/index.ts';
@@ -130,10 +130,7 @@ describe("SqliteStore's look at the queue", () => {
         Math.min(...all.map((e) => e.dueAt!), laterEntry!.dueAt!),
       );
       const plan = store.sqlite
-        .prepare(
-          `EXPLAIN QUERY PLAN SELECT * FROM queue WHERE due_at IS NOT NULL AND due_at <= ?
-           ORDER BY priority DESC, due_at ASC, created_at ASC LIMIT ?`,
-        )
+        .prepare(`EXPLAIN QUERY PLAN ${DUE_RUNS_SQL}`)
         .all(Date.now(), 10) as { detail: string }[];
       expect(plan.map((p) => p.detail)).toEqual(['SCAN queue USING INDEX queue_ready_idx']);
     } finally {

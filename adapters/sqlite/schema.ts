@@ -2,7 +2,7 @@
  * keel's tables. Migrations in `migrations/` are generated from this file by drizzle-kit
  * (`npm run db:generate`) and applied when a database is opened.
  *
- * `checkpoints`, `steps` and `effects` are WITHOUT ROWID tables (see the migration): a milestone then
+ * `checkpoints`, `steps`, `effects` and `queue` are WITHOUT ROWID tables (see the migrations): a milestone then
  * writes one b-tree per row instead of a row b-tree plus its primary-key index. drizzle-kit does not
  * emit that clause, so a generated migration that creates or rebuilds them must have it added.
  *
@@ -210,7 +210,11 @@ export const queue = sqliteTable(
     createdAt: integer('created_at').notNull(),
   },
   (t) => [
-    index('queue_due_idx').on(t.dueAt, t.priority),
+    // Partial, like the next: a run being worked on, or waiting for a signal with no timeout, has no
+    // due time, and its queue row then changes without touching either index.
+    index('queue_due_idx')
+      .on(t.dueAt, t.priority)
+      .where(sql`due_at IS NOT NULL`),
     // The worker's look at the queue, in the order it claims: read in index order and stopped at
     // its limit, instead of sorting every due entry on every look.
     index('queue_ready_idx')

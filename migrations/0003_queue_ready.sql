@@ -1,1 +1,0 @@
-CREATE INDEX `queue_ready_idx` ON `queue` ("priority" DESC,`due_at`,`created_at`) WHERE due_at IS NOT NULL;
