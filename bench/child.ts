@@ -9,6 +9,7 @@
  *   state-memory <db> <megabytes>     run a workflow with a state of that size; print peak RSS
  *   baseline <db>                     open the engine and nothing else; print peak RSS
  */
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { openEngine, workflow } from '../adapters/index.ts';
@@ -20,7 +21,14 @@ const n = Number(arg ?? 0);
 const migrationsFolder = join(process.env.KEEL_BENCH_ROOT ?? process.cwd(), 'migrations');
 const open = (path: string) => openEngine({ db: path, migrationsFolder });
 const say = (fields: object) => process.stdout.write(`${JSON.stringify(fields)}\n`);
-const peakRss = () => process.resourceUsage().maxRSS * 1024;
+/**
+ * The peak resident set of this process image, from VmHWM: getrusage's maxRSS survives execve, so a
+ * child spawned by a large parent would report the parent's peak.
+ */
+const peakRss = () => {
+  const match = /^VmHWM:\s*(\d+) kB$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+  return match ? Number(match[1]) * 1024 : process.resourceUsage().maxRSS * 1024;
+};
 
 async function main(): Promise<void> {
   switch (mode) {
