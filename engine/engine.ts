@@ -419,6 +419,13 @@ export class Engine {
     const update: RunUpdate = checkVersion(run, wf, options.allowVersionChange === true);
     if (options.module !== undefined && options.module !== run.module)
       update.module = options.module;
+    if (
+      (run.status === RunStatus.queued || run.status === RunStatus.waiting) &&
+      run.lease === null &&
+      !run.cancelRequested
+    ) {
+      return this.startIdle(run, wf, update, options.onlyIfDue === true);
+    }
     const held = await this.claim(run, wf);
     if (held.run.cancelRequested) {
       const mode = await this.deps.store.cancelRequest(runId);
@@ -460,6 +467,61 @@ export class Engine {
       await held.commit(milestone, 'resume');
     this.deps.emit({ type: 'run-resumed', runId, workflow: run.workflow, cursor: run.cursor });
     return this.drive(held, tracker, await this.effectOrder(runId));
+  }
+
+  /**
+   * Carries on a queued or waiting run that nobody holds: its state is read first, then the claim
+   * and the run's start (running, no longer due) are one write, made only if the run is still as it
+   * was read. A run whose state cannot be read is left exactly as it was, not even claimed.
+   */
+  private async startIdle(
+    run: RunRecord,
+    wf: AnyWorkflow,
+    update: RunUpdate,
+    onlyIfDue: boolean,
+  ): Promise<RunResult> {
+    const { clock, crashPoint, host, leaseMs, store } = this.deps;
+    const queued = await store.getQueueEntry(run.id);
+    if (onlyIfDue && (queued?.dueAt ?? Infinity) > clock.now()) {
+      // Started or parked again by another worker since the queue was read: in hand elsewhere.
+      throw new LeaseError(ErrorCode.leaseHeld, `Run ${run.id} is no longer due here.`, {
+        runId: run.id,
+        hint: 'Another worker started it or parked it again; it is carried on when due.',
+      });
+    }
+    const tracker = new StateTracker(await this.loadState(run, true));
+    const effectOrder = await this.effectOrder(run.id);
+    const fields: RunUpdate = { ...update, status: RunStatus.running };
+    const milestone: Milestone = { run: fields };
+    if (queued && queued.dueAt !== null) milestone.queue = { ...queued, dueAt: null };
+    const lease = {
+      owner: this.owner,
+      pid: host.pid,
+      host: host.name,
+      expiresAt: clock.now() + leaseMs,
+    };
+    crashPoint('resume:before-commit');
+    const epoch = await store.claimIdle(run.id, run, lease, milestone, {
+      inside: () => crashPoint('resume:inside-commit'),
+    });
+    if (epoch === null) {
+      throw new LeaseError(
+        ErrorCode.leaseHeld,
+        `Run ${run.id} was claimed by another process at the same moment.`,
+        { runId: run.id, hint: 'That process carries it on; see `keel show` for its progress.' },
+      );
+    }
+    const claimed: RunRecord = { ...run, ...fields, epoch, lease, updatedAt: clock.now() };
+    const held = new HeldRun(this.deps, claimed, wf, epoch);
+    held.queued = queued;
+    crashPoint('resume:after-commit');
+    this.deps.emit({
+      type: 'run-resumed',
+      runId: run.id,
+      workflow: run.workflow,
+      cursor: run.cursor,
+    });
+    return this.drive(held, tracker, effectOrder);
   }
 
   /** Resumes every run left `running` or `compensating` by a process that is gone. */

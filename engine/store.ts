@@ -317,6 +317,19 @@ export interface Store extends TierStateStore {
    * epoch, or null when another claimant got there first.
    */
   claimLease(id: string, expectedEpoch: number, claim: LeaseClaim): Promise<number | null>;
+  /**
+   * Takes the lease of a run nobody holds and writes its first milestone under the new epoch, in one
+   * transaction, if the run is still exactly as it was read (`expected`: epoch, seq, last update,
+   * cancel flag, no lease); returns the new epoch, or null with nothing written. A worker starts a
+   * queued run with one write instead of a claim and then a milestone.
+   */
+  claimIdle(
+    id: string,
+    expected: Pick<RunRecord, 'epoch' | 'seq' | 'updatedAt' | 'cancelRequested'>,
+    claim: LeaseClaim,
+    milestone: Milestone,
+    hooks?: CommitHooks,
+  ): Promise<number | null>;
   /** Extends a held lease; false when the epoch moved on (the lease was lost). */
   renewLease(id: string, epoch: number, expiresAt: number): Promise<boolean>;
   /**

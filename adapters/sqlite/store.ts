@@ -99,6 +99,7 @@ export class SqliteStore implements Store {
   private readonly runUpdates = new Map<string, Database.Statement>();
   private readonly statements;
   private readonly commitTx;
+  private readonly claimIdleTx;
   private readonly recordLlmTx;
   private readonly updateTierTx;
 
@@ -184,6 +185,11 @@ export class SqliteStore implements Store {
       getRun: p(
         `SELECT ${selectList(RUN_SELECTION)} FROM runs JOIN run_specs ON run_specs.run_id = runs.id WHERE runs.id = ?`,
       ),
+      claimIdle: p(
+        `UPDATE runs SET epoch = epoch + 1, lease_owner = ?, lease_pid = ?, lease_host = ?,
+           lease_expires_at = ? WHERE id = ? AND epoch = ? AND lease_owner IS NULL AND seq = ?
+           AND updated_at = ? AND cancel_requested = 0`,
+      ),
       claimLease: p(
         `UPDATE runs SET epoch = epoch + 1, lease_owner = ?, lease_pid = ?, lease_host = ?,
            lease_expires_at = ? WHERE id = ? AND epoch = ?`,
@@ -255,32 +261,62 @@ export class SqliteStore implements Store {
       },
     );
     this.commitTx = sqlite.transaction(
-      (id: string, epoch: number, milestone: Milestone, now: number, hooks?: CommitHooks) => {
-        const changed = this.updateRun(id, epoch, milestone.run ?? {}, now);
-        if (changed === 0) throw leaseLost(id, epoch);
-        if (milestone.run?.graph !== undefined)
-          this.statements.updateGraph.run(milestone.run.graph, id);
-        hooks?.inside?.();
-        if (milestone.checkpoint) this.insertCheckpoint(milestone.checkpoint);
-        if (milestone.step) this.insertStep(milestone.step, epoch);
-        if (milestone.effect) this.upsertEffect(milestone.effect);
-        if (milestone.queue === null) this.statements.deleteQueue.run(id);
-        else if (milestone.queue) this.upsertQueue(milestone.queue);
-        if (milestone.wait) this.upsertWait(milestone.wait);
-        // A signal sent while the run was deciding to wait for it: due at once, not never.
-        if (
-          milestone.queue &&
-          milestone.wait?.kind === 'signal' &&
-          milestone.wait.status === 'waiting'
-        )
-          this.statements.wakeIfSignalled.run(now, id, id, milestone.wait.name);
-        if (milestone.consumeSignal)
-          this.statements.consumeSignal.run(milestone.consumeSignal.at, milestone.consumeSignal.id);
-        if (milestone.deadLetter === null) this.statements.deleteDeadLetter.run(id);
-        else if (milestone.deadLetter) this.upsertDeadLetter(milestone.deadLetter);
-        if (milestone.run?.lease === null) this.statements.releaseLease.run(id);
+      (id: string, epoch: number, milestone: Milestone, now: number, hooks?: CommitHooks) =>
+        this.writeMilestone(id, epoch, milestone, now, hooks),
+    );
+    this.claimIdleTx = sqlite.transaction(
+      (
+        id: string,
+        expected: Pick<RunRecord, 'epoch' | 'seq' | 'updatedAt' | 'cancelRequested'>,
+        claim: LeaseClaim,
+        milestone: Milestone,
+        now: number,
+        hooks?: CommitHooks,
+      ): number | null => {
+        const claimed = this.statements.claimIdle.run(
+          claim.owner,
+          claim.pid,
+          claim.host,
+          claim.expiresAt,
+          id,
+          expected.epoch,
+          expected.seq,
+          expected.updatedAt,
+        );
+        if (claimed.changes !== 1) return null;
+        this.writeMilestone(id, expected.epoch + 1, milestone, now, hooks);
+        return expected.epoch + 1;
       },
     );
+  }
+
+  /** One milestone's rows, inside the caller's transaction. */
+  private writeMilestone(
+    id: string,
+    epoch: number,
+    milestone: Milestone,
+    now: number,
+    hooks?: CommitHooks,
+  ): void {
+    const changed = this.updateRun(id, epoch, milestone.run ?? {}, now);
+    if (changed === 0) throw leaseLost(id, epoch);
+    if (milestone.run?.graph !== undefined)
+      this.statements.updateGraph.run(milestone.run.graph, id);
+    hooks?.inside?.();
+    if (milestone.checkpoint) this.insertCheckpoint(milestone.checkpoint);
+    if (milestone.step) this.insertStep(milestone.step, epoch);
+    if (milestone.effect) this.upsertEffect(milestone.effect);
+    if (milestone.queue === null) this.statements.deleteQueue.run(id);
+    else if (milestone.queue) this.upsertQueue(milestone.queue);
+    if (milestone.wait) this.upsertWait(milestone.wait);
+    // A signal sent while the run was deciding to wait for it: due at once, not never.
+    if (milestone.queue && milestone.wait?.kind === 'signal' && milestone.wait.status === 'waiting')
+      this.statements.wakeIfSignalled.run(now, id, id, milestone.wait.name);
+    if (milestone.consumeSignal)
+      this.statements.consumeSignal.run(milestone.consumeSignal.at, milestone.consumeSignal.id);
+    if (milestone.deadLetter === null) this.statements.deleteDeadLetter.run(id);
+    else if (milestone.deadLetter) this.upsertDeadLetter(milestone.deadLetter);
+    if (milestone.run?.lease === null) this.statements.releaseLease.run(id);
   }
 
   async createRun(run: RunRecord, snapshot: CheckpointRecord): Promise<void> {
@@ -506,6 +542,18 @@ export class SqliteStore implements Store {
       ),
     );
     return result.changes === 1 ? expectedEpoch + 1 : null;
+  }
+
+  async claimIdle(
+    id: string,
+    expected: Pick<RunRecord, 'epoch' | 'seq' | 'updatedAt' | 'cancelRequested'>,
+    claim: LeaseClaim,
+    milestone: Milestone,
+    hooks?: CommitHooks,
+  ): Promise<number | null> {
+    return this.guard(() =>
+      this.claimIdleTx.immediate(id, expected, claim, milestone, Date.now(), hooks),
+    );
   }
 
   async renewLease(id: string, epoch: number, expiresAt: number): Promise<boolean> {
@@ -861,7 +909,7 @@ function fromRow(row: RunRow): RunRecord {
   const { leaseOwner, leasePid, leaseHost, leaseExpiresAt, cancelRequested, ...rest } = row;
   return {
     ...rest,
-    cancelRequested: cancelRequested === 1,
+    cancelRequested: cancelRequested !== 0,
     status: rest.status as RunStatus,
     lease:
       leaseOwner === null
