@@ -272,6 +272,46 @@ export function storeConformance(name: string, open: OpenStore): void {
       expect((await store.getRun('race'))?.lease?.owner).toBe('owner-d');
     });
 
+    it('claimIdle takes a run nobody holds and writes its first milestone in one step, only if the run is as read', async () => {
+      const idle = await create(runRecord('idle', { status: 'queued', lease: null }));
+      const start: Milestone = {
+        run: { status: 'running', cursor: 'first' },
+        checkpoint: checkpoint('idle', 2),
+      };
+      // Any change since the reading refuses the claim and writes nothing.
+      expect(await store.claimIdle('idle', { ...idle, epoch: 0 }, claim('x'), start)).toBeNull();
+      expect(await store.claimIdle('idle', { ...idle, seq: 2 }, claim('x'), start)).toBeNull();
+      expect(
+        await store.claimIdle('idle', { ...idle, updatedAt: T0 + 1 }, claim('x'), start),
+      ).toBeNull();
+      expect(await store.getRun('idle')).toStrictEqual(idle);
+      expect(await store.loadCheckpoints('idle', 1)).toHaveLength(1);
+
+      expect(await store.claimIdle('idle', idle, claim('owner-x'), start)).toBe(2);
+      const started = await store.getRun('idle');
+      expect(started?.epoch).toBe(2);
+      expect(started?.status).toBe('running');
+      expect(started?.lease).toStrictEqual({
+        owner: 'owner-x',
+        pid: 202,
+        host: 'host-b',
+        expiresAt: T0 + 60_000,
+      });
+      expect((await store.loadCheckpoints('idle', 1)).map((c) => c.seq)).toStrictEqual([1, 2]);
+      // The same reading cannot win twice.
+      expect(await store.claimIdle('idle', idle, claim('owner-y'), start)).toBeNull();
+    });
+
+    it('claimIdle refuses a run someone holds, and one with a cancel of either kind requested', async () => {
+      const held = await create(runRecord('held-idle', { status: 'waiting' }));
+      expect(await store.claimIdle('held-idle', held, claim('x'), { run: {} })).toBeNull();
+      const cancelled = await create(runRecord('cancel-idle', { status: 'waiting', lease: null }));
+      await store.requestCancel('cancel-idle', 2);
+      expect((await store.getRun('cancel-idle'))?.cancelRequested).toBe(true);
+      expect(await store.claimIdle('cancel-idle', cancelled, claim('x'), { run: {} })).toBeNull();
+      expect((await store.getRun('cancel-idle'))?.epoch).toBe(1);
+    });
+
     it('a heartbeat cannot revive a lease that another claim took: renewLease is false once the epoch moved', async () => {
       await create(runRecord('renew'));
       expect(await store.renewLease('renew', 1, T0 + 50_000)).toBe(true);
