@@ -17,15 +17,26 @@ export interface Child {
 }
 
 let bundle: Promise<string> | undefined;
+let bundlePath: string | undefined;
+/** Children still running, to be stopped if the benchmark is interrupted. */
+const live = new Set<ChildProcess>();
 
 /** The child bundled once per benchmark process. */
 export function childBin(): Promise<string> {
-  bundle ??= bundleChild(join(ROOT, 'bench', 'child.ts'), 'keel-bench');
+  bundle ??= bundleChild(join(ROOT, 'bench', 'child.ts'), 'keel-bench').then(
+    (path) => (bundlePath = path),
+  );
   return bundle;
 }
 
-export async function removeChildBin(): Promise<void> {
-  if (bundle) rmSync(await bundle, { force: true });
+/**
+ * Stops the children still running and removes the bundle; synchronous, so that a signal handler
+ * can call it on the way out.
+ */
+export function cleanUpChildren(): void {
+  for (const child of live) child.kill('SIGKILL');
+  live.clear();
+  if (bundlePath) rmSync(bundlePath, { force: true });
 }
 
 export async function startChild(args: readonly string[]): Promise<Child> {
@@ -33,6 +44,7 @@ export async function startChild(args: readonly string[]): Promise<Child> {
     stdio: ['pipe', 'pipe', 'pipe'],
     env: { ...process.env, KEEL_BENCH_ROOT: ROOT },
   });
+  live.add(child);
   let stderr = '';
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const lines = createInterface({ input: child.stdout });
@@ -41,6 +53,7 @@ export async function startChild(args: readonly string[]): Promise<Child> {
   lines.on('line', (line) => (waiting.length ? waiting.shift()!(line) : queue.push(line)));
   const exited = new Promise<number | string>((resolve) =>
     child.once('close', (code, signal) => {
+      live.delete(child);
       resolve(code ?? signal ?? -1);
       for (const w of waiting.splice(0)) w(null);
     }),

@@ -9,7 +9,7 @@ import { cpus, tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { removeChildBin } from './children.ts';
+import { cleanUpChildren } from './children.ts';
 import { markdown, text, type Row } from './lib.ts';
 import { loadPeers } from './peers.ts';
 import { memorySection } from './sections/memory.ts';
@@ -44,10 +44,14 @@ function options() {
       process.exit(0);
     }
     const only = (values.only ?? SECTIONS.join(',')).split(',').map((s) => s.trim());
+    if (only.includes('')) throw new Error(`--only has an empty section name: "${values.only}"`);
     const unknown = only.filter((s) => !(SECTIONS as readonly string[]).includes(s));
     if (unknown.length) throw new Error(`unknown section ${unknown.join(', ')}`);
-    const reps = Number(values.reps ?? (values.quick ? 3 : 5));
-    if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps must be a positive integer`);
+    const repsText = values.reps ?? (values.quick ? '3' : '5');
+    if (!/^[1-9]\d*$/.test(repsText)) {
+      throw new Error(`--reps must be a positive whole number, got "${repsText}"`);
+    }
+    const reps = Number(repsText);
     return {
       quick: values.quick,
       only: new Set(only as Section[]),
@@ -82,16 +86,30 @@ const scale = opts.quick
 
 const root = dirname(fileURLToPath(import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'keel-bench-'));
+/** Interrupted: stop the children, remove the databases and the bundle, then go. */
+for (const [signal, code] of [
+  ['SIGINT', 130],
+  ['SIGTERM', 143],
+] as const) {
+  process.once(signal, () => {
+    cleanUpChildren();
+    rmSync(work, { recursive: true, force: true });
+    console.error(`\nInterrupted: nothing written to bench/results.`);
+    process.exit(code);
+  });
+}
 const rows: Row[] = [];
 const notes: string[] = [];
 const started = Date.now();
 try {
   if (opts.only.has('steps')) {
-    const { peers, missing } = opts.peers ? await loadPeers(log) : { peers: [], missing: [] };
+    const { peers, missing } = opts.peers
+      ? await loadPeers(log)
+      : { peers: [], missing: ['LangGraph.js and Mastra (--no-peers)'] };
     for (const m of missing) notes.push(`Peer left out: ${m}.`);
     for (const p of peers) notes.push(`${p.name}: ${p.describe}.`);
     notes.push(
-      "Written per step: what the process passed to write(2) (wchar of /proc/self/io). SQLite writes whole 4 KB pages to the WAL and copies them into the database file at each WAL checkpoint, so even the floor's 200-byte row costs several KB; 'stored in rows' is what keel's milestones hold.",
+      "Written per step: what the process passed to write(2) (wchar of /proc/self/io). SQLite writes whole 4 KB pages to the WAL and copies them into the database file at each WAL checkpoint, so even the floor's one small row costs several KB; 'stored in rows' is what keel's milestones hold.",
     );
     log(`steps: ${scale.steps} steps, ${opts.reps} repetitions, ${peers.length} peer(s)...`);
     rows.push(
@@ -121,12 +139,12 @@ try {
     rows.push(...(await memorySection(work, Math.min(opts.reps, 3), scale.memoryRuns, 10)));
   }
 } finally {
-  await removeChildBin();
+  cleanUpChildren();
   rmSync(work, { recursive: true, force: true });
 }
 
 const machine = `Node ${process.version}, ${process.platform}/${process.arch}, ${cpus().length} × ${cpus()[0]?.model.trim() ?? 'CPU'}`;
-const header = `keel benchmark, ${new Date(started).toISOString()}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${opts.reps} repetitions, alternating; median, min-max, ratio of medians`;
+const header = `keel benchmark, ${new Date(started).toISOString()}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${opts.reps} repetition${opts.reps === 1 ? '' : 's'}, alternating; median, min-max, ratio of medians`;
 for (const note of new Set(rows.map((r) => r.note))) if (note) notes.push(note);
 const missed = rows.filter((r) => r.met === false);
 console.log(`\n${header}\n\n${text(rows)}\n`);
@@ -134,7 +152,7 @@ for (const note of notes) console.log(note);
 console.log(
   missed.length
     ? `Goals missed: ${missed.map((r) => `${r.section}, ${r.subject}`).join('; ')}.`
-    : 'Every goal met.',
+    : `Every goal in ${opts.only.size === SECTIONS.length ? 'the table' : 'these sections'} met.`,
 );
 
 const out = join(root, 'results');

@@ -4,7 +4,7 @@
  * a registry the benchmark still runs keel's sections and the table says the peers are missing.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -56,16 +56,66 @@ function installed(): boolean {
 /** Installs the peers if they are not there yet; returns why not when that fails. */
 export function ensurePeers(log: (line: string) => void): string | null {
   if (installed()) return null;
-  log('Installing the peers (LangGraph.js, Mastra) into bench/peers, once; this takes a minute...');
-  const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
-  const result = spawnSync(npm, ['ci', '--no-audit', '--no-fund', '--loglevel=error'], {
-    cwd: PEERS_DIR,
-    stdio: ['ignore', 'inherit', 'inherit'],
-    // Mastra declares Node 22; it runs on 20, and the engine check must not stop the install.
-    env: { ...process.env, npm_config_engine_strict: 'false' },
-  });
-  if (result.status === 0 && installed()) return null;
-  return `npm ci in bench/peers failed (${result.error?.message ?? `exit ${result.status}`})`;
+  const release = installLock(log);
+  try {
+    // Another benchmark may have installed them while this one waited for the lock.
+    if (installed()) return null;
+    log(
+      'Installing the peers (LangGraph.js, Mastra) into bench/peers, once; this takes a minute or two...',
+    );
+    const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
+    const result = spawnSync(npm, ['ci', '--no-audit', '--no-fund', '--loglevel=error'], {
+      cwd: PEERS_DIR,
+      // npm's output goes to stderr with the progress lines: stdout carries only the table.
+      stdio: ['ignore', 2, 2],
+      // Mastra declares Node 22; it runs on 20, and the engine check must not stop the install.
+      env: { ...process.env, npm_config_engine_strict: 'false' },
+    });
+    if (result.status === 0 && installed()) return null;
+    return `npm ci in bench/peers failed (${result.error?.message ?? `exit ${result.status}`})`;
+  } finally {
+    release();
+  }
+}
+
+/**
+ * One install at a time: two benchmarks started together would both run npm ci in one folder and
+ * break each other's build. The lock file holds its owner's pid; a lock whose owner is gone is taken
+ * over.
+ */
+function installLock(log: (line: string) => void): () => void {
+  const lock = join(PEERS_DIR, '.install.lock');
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  let told = false;
+  for (;;) {
+    try {
+      writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      return () => rmSync(lock, { force: true });
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+    }
+    const text = readFileSync(lock, 'utf8');
+    const owner = Number(text);
+    // An empty lock is one being written this instant: wait for its pid.
+    if (text !== '' && !alive(owner)) {
+      rmSync(lock, { force: true });
+      continue;
+    }
+    if (!told)
+      log(`Waiting for another benchmark (pid ${owner}) to finish installing the peers...`);
+    told = true;
+    Atomics.wait(pause, 0, 0, 500);
+  }
+}
+
+function alive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 export async function loadPeers(log: (line: string) => void): Promise<{
