@@ -4,7 +4,7 @@
  *
  *   crash <db> <completed>            start a run, SIGKILL itself at step <completed> (from 0)
  *   resume <db>                       resume it; print ms from process start to that step beginning
- *   drain <db> <concurrency>          print `ready`, wait for a line on stdin, work the queue until idle
+ *   drain <db> <concurrency>          print `ready`, wait for a line on stdin, drain the queue
  *   queue-memory <db> <runs>          enqueue <runs> runs and drain them; print peak RSS
  *   state-memory <db> <megabytes>     run a workflow with a state of that size; print peak RSS
  *   baseline <db>                     open the engine and nothing else; print peak RSS

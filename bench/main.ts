@@ -109,7 +109,10 @@ try {
     for (const m of missing) notes.push(`Peer left out: ${m}.`);
     for (const p of peers) notes.push(`${p.name}: ${p.describe}.`);
     notes.push(
-      "Written per step: what the process passed to write(2) (wchar of /proc/self/io). SQLite writes whole 4 KB pages to the WAL and copies them into the database file at each WAL checkpoint, so even the floor's one small row costs several KB; 'stored in rows' is what keel's milestones hold.",
+      'Written per step: what the process passed to write(2) (wchar of /proc/self/io). ' +
+        'SQLite writes whole 4 KB pages to the WAL and copies them into the database file at ' +
+        "each WAL checkpoint, so even the floor's one small row costs several KB; " +
+        "'stored in rows' is what keel's milestones hold.",
     );
     log(`steps: ${scale.steps} steps, ${opts.reps} repetitions, ${peers.length} peer(s)...`);
     rows.push(
@@ -143,8 +146,13 @@ try {
   rmSync(work, { recursive: true, force: true });
 }
 
-const machine = `Node ${process.version}, ${process.platform}/${process.arch}, ${cpus().length} × ${cpus()[0]?.model.trim() ?? 'CPU'}`;
-const header = `keel benchmark, ${new Date(started).toISOString()}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${opts.reps} repetition${opts.reps === 1 ? '' : 's'}, alternating; median, min-max, ratio of medians`;
+const cpu = `${cpus().length} × ${cpus()[0]?.model.trim() ?? 'CPU'}`;
+const machine = `Node ${process.version}, ${process.platform}/${process.arch}, ${cpu}`;
+const startedAt = new Date(started).toISOString();
+const repetitions = `${opts.reps} repetition${opts.reps === 1 ? '' : 's'}`;
+const header =
+  `keel benchmark, ${startedAt}${opts.quick ? ' (--quick)' : ''}; ${machine}; ${repetitions}, ` +
+  'alternating; median, min-max, ratio of medians';
 for (const note of new Set(rows.map((r) => r.note))) if (note) notes.push(note);
 const missed = rows.filter((r) => r.met === false);
 console.log(`\n${header}\n\n${text(rows)}\n`);
@@ -160,9 +168,7 @@ mkdirSync(out, { recursive: true });
 const stamp = new Date(started).toISOString().replace(/[:.]/g, '-');
 const body = `${header}\n\n${markdown(rows)}\n\n${notes.map((n) => `- ${n}`).join('\n')}\n`;
 writeFileSync(join(out, `bench-${stamp}.md`), body);
-writeFileSync(
-  join(out, `bench-${stamp}.json`),
-  `${JSON.stringify({ startedAt: new Date(started).toISOString(), quick: opts.quick, reps: opts.reps, machine, notes, rows }, null, 2)}\n`,
-);
+const results = { startedAt, quick: opts.quick, reps: opts.reps, machine, notes, rows };
+writeFileSync(join(out, `bench-${stamp}.json`), `${JSON.stringify(results, null, 2)}\n`);
 writeFileSync(join(out, 'latest.md'), body);
 console.log(`Written: ${relative(process.cwd(), join(out, `bench-${stamp}.{json,md}`))}`);

@@ -1,23 +1,30 @@
 /**
- * The engines keel is compared with live in `bench/peers/`, a package of their own: `npm ci` and the
- * tests never carry them. The first `npm run bench` installs them from the lock file there; without
- * a registry the benchmark still runs keel's sections and the table says the peers are missing.
+ * The engines keel is compared with live in `bench/peers/`, a package of their own: `npm ci` and
+ * the tests never carry them. The first `npm run bench` installs them from the lock file there;
+ * without a registry the benchmark still runs keel's sections and the table says the peers are
+ * missing.
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { localHost } from '../adapters/host.ts';
 
 export const PEERS_DIR = join(dirname(fileURLToPath(import.meta.url)), 'peers');
 
+/** One linear run of a peer: `steps` nodes, each changing one small field of the state. */
 export interface LinearOptions {
+  /** Database file to create (it does not exist yet); its folder exists. */
   file: string;
   steps: number;
+  /** Bytes of a filler string `blob` the state carries and no step touches. */
   stateBytes: number;
+  /** Applied where the peer lets us; its `describe` says what was set. */
   synchronous: 'NORMAL' | 'FULL';
 }
 
 export interface PreparedRun {
+  /** Runs the workflow once, checkpointed by the peer's own store; how many steps ran. */
   run(): Promise<{ stepsRun: number }>;
   close(): Promise<void>;
 }
@@ -61,7 +68,8 @@ export function ensurePeers(log: (line: string) => void): string | null {
     // Another benchmark may have installed them while this one waited for the lock.
     if (installed()) return null;
     log(
-      'Installing the peers (LangGraph.js, Mastra) into bench/peers, once; this takes a minute or two...',
+      'Installing the peers (LangGraph.js, Mastra) into bench/peers, once; ' +
+        'this takes a minute or two...',
     );
     const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
     const result = spawnSync(npm, ['ci', '--no-audit', '--no-fund', '--loglevel=error'], {
@@ -79,9 +87,9 @@ export function ensurePeers(log: (line: string) => void): string | null {
 }
 
 /**
- * One install at a time: two benchmarks started together would both run npm ci in one folder and
- * break each other's build. The lock file holds its owner's pid; a lock whose owner is gone is taken
- * over.
+ * One install at a time: two benchmarks started together would both run npm ci in one folder
+ * and break each other's build. The lock file holds its owner's pid; a lock whose owner is gone
+ * is taken over.
  */
 function installLock(log: (line: string) => void): () => void {
   const lock = join(PEERS_DIR, '.install.lock');
@@ -97,7 +105,7 @@ function installLock(log: (line: string) => void): () => void {
     const text = readFileSync(lock, 'utf8');
     const owner = Number(text);
     // An empty lock is one being written this instant: wait for its pid.
-    if (text !== '' && !alive(owner)) {
+    if (text !== '' && !localHost.isAlive(owner)) {
       rmSync(lock, { force: true });
       continue;
     }
@@ -105,16 +113,6 @@ function installLock(log: (line: string) => void): () => void {
       log(`Waiting for another benchmark (pid ${owner}) to finish installing the peers...`);
     told = true;
     Atomics.wait(pause, 0, 0, 500);
-  }
-}
-
-function alive(pid: number): boolean {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

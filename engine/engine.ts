@@ -504,13 +504,7 @@ export class Engine {
     const epoch = await store.claimIdle(run.id, run, lease, milestone, {
       inside: () => crashPoint('resume:inside-commit'),
     });
-    if (epoch === null) {
-      throw new LeaseError(
-        ErrorCode.leaseHeld,
-        `Run ${run.id} was claimed by another process at the same moment.`,
-        { runId: run.id, hint: 'That process carries it on; see `keel show` for its progress.' },
-      );
-    }
+    if (epoch === null) throw claimedElsewhere(run.id);
     const claimed: RunRecord = { ...run, ...fields, epoch, lease, updatedAt: clock.now() };
     const held = new HeldRun(this.deps, claimed, wf, epoch);
     held.queued = queued;
@@ -1042,16 +1036,7 @@ export class Engine {
       host: host.name,
       expiresAt: clock.now() + leaseMs,
     });
-    if (epoch === null) {
-      throw new LeaseError(
-        ErrorCode.leaseHeld,
-        `Run ${run.id} was claimed by another process at the same moment.`,
-        {
-          runId: run.id,
-          hint: 'That process carries it on; see `keel show` for its progress.',
-        },
-      );
-    }
+    if (epoch === null) throw claimedElsewhere(run.id);
     const claimed = (await store.getRun(run.id))!;
     return new HeldRun(this.deps, claimed, wf, epoch);
   }
@@ -1129,6 +1114,15 @@ export class Engine {
     }
     return run;
   }
+}
+
+/** A claim that lost the race for a run to another process. */
+function claimedElsewhere(runId: string): LeaseError {
+  return new LeaseError(
+    ErrorCode.leaseHeld,
+    `Run ${runId} was claimed by another process at the same moment.`,
+    { runId, hint: 'That process carries it on; see `keel show` for its progress.' },
+  );
 }
 
 /** A dead letter as `keel dlq` shows it. */

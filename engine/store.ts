@@ -318,10 +318,10 @@ export interface Store extends TierStateStore {
    */
   claimLease(id: string, expectedEpoch: number, claim: LeaseClaim): Promise<number | null>;
   /**
-   * Takes the lease of a run nobody holds and writes its first milestone under the new epoch, in one
-   * transaction, if the run is still exactly as it was read (`expected`: epoch, seq, last update,
-   * cancel flag, no lease); returns the new epoch, or null with nothing written. A worker starts a
-   * queued run with one write instead of a claim and then a milestone.
+   * Takes the lease of a run nobody holds and writes its first milestone under the new epoch, in
+   * one transaction, if the run is still exactly as it was read (`expected`: epoch, seq, last
+   * update, cancel flag, no lease); returns the new epoch, or null with nothing written. A worker
+   * starts a queued run with one write instead of a claim and then a milestone.
    */
   claimIdle(
     id: string,

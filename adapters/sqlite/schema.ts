@@ -2,9 +2,10 @@
  * keel's tables. Migrations in `migrations/` are generated from this file by drizzle-kit
  * (`npm run db:generate`) and applied when a database is opened.
  *
- * `checkpoints`, `steps`, `effects` and `queue` are WITHOUT ROWID tables (see the migrations): a milestone then
- * writes one b-tree per row instead of a row b-tree plus its primary-key index. drizzle-kit does not
- * emit that clause, so a generated migration that creates or rebuilds them must have it added.
+ * `checkpoints`, `steps`, `effects` and `queue` are WITHOUT ROWID tables (see the migrations): a
+ * milestone then writes one b-tree per row instead of a row b-tree plus its primary-key index.
+ * drizzle-kit does not emit that clause, so a generated migration that creates or rebuilds them
+ * must have it added.
  *
  * Foreign keys have no ON DELETE CASCADE on purpose: a migration that rebuilds a parent table must
  * never take child rows with it (see `migrate.ts`).
@@ -210,8 +211,8 @@ export const queue = sqliteTable(
     createdAt: integer('created_at').notNull(),
   },
   (t) => [
-    // Partial, like the next: a run being worked on, or waiting for a signal with no timeout, has no
-    // due time, and its queue row then changes without touching either index.
+    // Partial, like the next: a run being worked on, or waiting for a signal with no timeout, has
+    // no due time, and its queue row then changes without touching either index.
     index('queue_due_idx')
       .on(t.dueAt, t.priority)
       .where(sql`due_at IS NOT NULL`),

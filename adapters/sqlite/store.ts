@@ -183,7 +183,8 @@ export class SqliteStore implements Store {
       ),
       getTier: p('SELECT * FROM llm_tiers WHERE tier = ?'),
       getRun: p(
-        `SELECT ${selectList(RUN_SELECTION)} FROM runs JOIN run_specs ON run_specs.run_id = runs.id WHERE runs.id = ?`,
+        `SELECT ${selectList(RUN_SELECTION)} FROM runs
+         JOIN run_specs ON run_specs.run_id = runs.id WHERE runs.id = ?`,
       ),
       claimIdle: p(
         `UPDATE runs SET epoch = epoch + 1, lease_owner = ?, lease_pid = ?, lease_host = ?,
@@ -198,13 +199,16 @@ export class SqliteStore implements Store {
       nextDueAt: p('SELECT min(due_at) AS next FROM queue WHERE due_at IS NOT NULL'),
       queueSize: p('SELECT count(*) AS n FROM queue'),
       loadCheckpoints: p(
-        `SELECT ${selectList(getTableColumns(checkpoints))} FROM checkpoints WHERE run_id = ? AND seq >= ? ORDER BY seq`,
+        `SELECT ${selectList(getTableColumns(checkpoints))} FROM checkpoints
+         WHERE run_id = ? AND seq >= ? ORDER BY seq`,
       ),
       listSteps: p(
-        `SELECT ${selectList(getTableColumns(steps))} FROM steps WHERE run_id = ? ORDER BY idx, epoch`,
+        `SELECT ${selectList(getTableColumns(steps))} FROM steps
+         WHERE run_id = ? ORDER BY idx, epoch`,
       ),
       listEffects: p(
-        `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ? ORDER BY started_at`,
+        `SELECT ${selectList(getTableColumns(effects))} FROM effects
+         WHERE run_id = ? ORDER BY started_at`,
       ),
       getEffect: p(
         `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ? AND key = ?`,

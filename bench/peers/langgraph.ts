@@ -4,24 +4,7 @@
  */
 import { Annotation, END, START, StateGraph } from '@langchain/langgraph';
 import { SqliteSaver } from '@langchain/langgraph-checkpoint-sqlite';
-
-export interface LinearOptions {
-  /** Database file to create (it does not exist yet); its folder exists. */
-  file: string;
-  /** Number of steps (nodes) in the linear workflow, run once each in order. e.g. 1000 */
-  steps: number;
-  /** Size in bytes of a filler string field `blob` carried in the state (0 for a small state; 100_000 for the large-state case). */
-  stateBytes: number;
-  /** SQLite synchronous setting to apply where the peer lets us; report what you could set. */
-  synchronous: 'NORMAL' | 'FULL';
-}
-
-export interface PreparedRun {
-  /** Runs the workflow once from start to finish, durably checkpointed by the peer's own SQLite store. Returns the number of steps that executed. */
-  run(): Promise<{ stepsRun: number }>;
-  /** Closes databases etc. */
-  close(): Promise<void>;
-}
+import type { LinearOptions, PreparedRun } from '../peers.ts';
 
 /** Every channel keeps only the latest value written to it, so a node's update replaces fields. */
 function replace<T>(_previous: T, next: T): T {

@@ -12,24 +12,7 @@ import { Mastra } from '@mastra/core';
 import { createStep, createWorkflow } from '@mastra/core/workflows';
 import { LibSQLStore } from '@mastra/libsql';
 import { z } from 'zod';
-
-export interface LinearOptions {
-  /** Database file to create (it does not exist yet); its folder exists. */
-  file: string;
-  /** Number of steps (nodes) in the linear workflow, run once each in order. e.g. 1000 */
-  steps: number;
-  /** Size in bytes of a filler string field `blob` carried in the state (0 for a small state; 100_000 for the large-state case). */
-  stateBytes: number;
-  /** SQLite synchronous setting to apply where the peer lets us; report what you could set. */
-  synchronous: 'NORMAL' | 'FULL';
-}
-
-export interface PreparedRun {
-  /** Runs the workflow once from start to finish, durably checkpointed by the peer's own SQLite store. Returns the number of steps that executed. */
-  run(): Promise<{ stepsRun: number }>;
-  /** Closes databases etc. */
-  close(): Promise<void>;
-}
+import type { LinearOptions, PreparedRun } from '../peers.ts';
 
 // Mastra's usage telemetry would otherwise be allowed to post to its vendor; a benchmark must not.
 process.env['MASTRA_TELEMETRY_DISABLED'] = '1';

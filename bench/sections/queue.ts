@@ -40,7 +40,9 @@ export async function queueSection(dir: string, reps: number, runs: number, conc
   ] as const) {
     const r = row({
       section: '5. queue',
-      subject: `keel, ${workers} worker process${workers > 1 ? 'es' : ''} (concurrency ${concurrency}), ${runs.toLocaleString('en')} runs`,
+      subject:
+        `keel, ${workers} worker process${workers > 1 ? 'es' : ''} ` +
+        `(concurrency ${concurrency}), ${runs.toLocaleString('en')} runs`,
       metric: 'runs drained per second',
       unit: 'runs/s',
       samples: results[name],

@@ -18,7 +18,7 @@ export async function resumeSection(dir: string, reps: number, sizes: readonly n
     killed.set(completed, db);
   }
   let copies = 0;
-  /** A copy of the killed run's files, so that every repetition resumes the same interrupted run. */
+  /** A copy of the killed run's files: every repetition resumes the same interrupted run. */
   const copy = (db: string) => {
     const target = `${db}.${++copies}.db`;
     copyFileSync(db, target);

@@ -106,7 +106,8 @@ function bare(dir: string, steps: number, rowBytes: number, sync: Sync) {
       sqlite.pragma('journal_mode = WAL');
       sqlite.pragma(`synchronous = ${sync}`);
       sqlite.exec(
-        'CREATE TABLE t (run_id TEXT, seq INTEGER, data TEXT, PRIMARY KEY (run_id, seq)) WITHOUT ROWID',
+        `CREATE TABLE t (run_id TEXT, seq INTEGER, data TEXT, PRIMARY KEY (run_id, seq))
+         WITHOUT ROWID`,
       );
       const insert = sqlite.prepare('INSERT INTO t VALUES (?, ?, ?)');
       const payload = 'x'.repeat(rowBytes);
@@ -193,7 +194,10 @@ function table(
   storedGoal?: (r: Row) => Row,
 ): Row[] {
   const reference = { subject: floor, samples: results[floor]!.map((s) => s.usPerStep) };
-  const floorNote = `The floor: one BEGIN IMMEDIATE transaction per step inserting one row of ${rowBytes} B (what keel's milestone stores for a step) into a WITHOUT ROWID table on a WAL database at the same synchronous setting.`;
+  const floorNote =
+    `The floor: one BEGIN IMMEDIATE transaction per step inserting one row of ${rowBytes} B ` +
+    "(what keel's milestone stores for a step) into a WITHOUT ROWID table on a WAL database " +
+    'at the same synchronous setting.';
   const rows: Row[] = [];
   for (const [subject, samples] of Object.entries(results)) {
     const isKeel = subject.startsWith('keel');
