@@ -504,6 +504,28 @@ export function storeConformance(name: string, open: OpenStore): void {
       expect(await store.loadCheckpoints('cp', 5)).toStrictEqual([]);
     });
 
+    it('lists effects by start time, and effects started in the same millisecond in the order they completed', async () => {
+      await create(runRecord('order'));
+      const effects = [
+        // Keys in the opposite order to completion: a tie must not fall back to key order.
+        effectRecord('order', 'z-first', { status: 'done', completionOrder: 1, startedAt: T0 + 5 }),
+        effectRecord('order', 'm-second', {
+          status: 'done',
+          completionOrder: 2,
+          startedAt: T0 + 5,
+        }),
+        effectRecord('order', 'a-open', { startedAt: T0 + 5 }),
+        effectRecord('order', 'b-earliest', { startedAt: T0 + 1 }),
+      ];
+      for (const effect of effects) await store.commit('order', 1, { effect });
+      expect((await store.listEffects('order')).map((e) => e.key)).toStrictEqual([
+        'b-earliest',
+        'z-first',
+        'm-second',
+        'a-open',
+      ]);
+    });
+
     it('C01: an effect has one row per (run, key): its outcome replaces the started row, never duplicates it', async () => {
       await create(runRecord('fx'));
       await create(runRecord('fx-other'));

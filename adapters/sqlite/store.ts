@@ -206,9 +206,11 @@ export class SqliteStore implements Store {
         `SELECT ${selectList(getTableColumns(steps))} FROM steps
          WHERE run_id = ? ORDER BY idx, epoch`,
       ),
+      // Start times are milliseconds, and effects a few steps apart often share one: ties go by the
+      // order the effects completed (those still open last), then by key, never by scan order.
       listEffects: p(
-        `SELECT ${selectList(getTableColumns(effects))} FROM effects
-         WHERE run_id = ? ORDER BY started_at`,
+        `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ?
+         ORDER BY started_at, completion_order IS NULL, completion_order, key`,
       ),
       getEffect: p(
         `SELECT ${selectList(getTableColumns(effects))} FROM effects WHERE run_id = ? AND key = ?`,
